@@ -1,0 +1,96 @@
+"""Mixture-of-experts feed-forward layers.
+
+ExpertChoiceMoE is the paper's layer: every expert picks its top-k tokens (Zhou et al.
+2022), so the load is balanced by construction and no auxiliary loss is needed. A token
+may be picked by several experts or by none.
+
+TokenChoiceMoE is the usual alternative (every token picks its top-k experts, GShard /
+Switch style, with a capacity limit and the load-balancing auxiliary loss). The paper
+leaves open which is better; it is here so the two can be compared.
+
+Both dispatch tokens with index_select and combine them with index_add_: memory is
+O(tokens routed x D), never the one-hot [N, E, k, T] tensors of the released code.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ExpertChoiceMoE(nn.Module):
+    def __init__(self, dim, hidden, num_experts, capacity):
+        super().__init__()
+        self.num_experts = num_experts
+        self.capacity = capacity
+        # parameter order (w1, w2, then gate) matches the released state_dict
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def tokens_per_expert(self, num_tokens):
+        return int(self.capacity * num_tokens / self.num_experts)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        E, k = self.num_experts, self.tokens_per_expert(T)
+        probs = F.softmax(self.gate(x), dim=-1)                       # (N, T, E)
+        gates, ids_token = torch.topk(probs.transpose(1, 2), k, dim=-1)  # (N, E, k)
+        # row of each chosen token in x viewed as (N*T, D), grouped by expert
+        offsets = torch.arange(N, device=x.device).view(N, 1, 1) * T
+        rows = (ids_token + offsets).transpose(0, 1).reshape(E, N * k)  # (E, N*k)
+        x_in = x.reshape(N * T, D).index_select(0, rows.reshape(-1))
+        x_in = x_in.view(E, N * k, D)                                  # (E, N*k, D)
+        h = torch.bmm(F.gelu(torch.bmm(x_in, self.w1)), self.w2)      # (E, N*k, D)
+        h = h * gates.transpose(0, 1).reshape(E, N * k, 1)
+        out = torch.zeros_like(x).view(N * T, D)
+        out.index_add_(0, rows.reshape(-1), h.reshape(E * N * k, D))
+        return out.view(N, T, D)
+
+
+class TokenChoiceMoE(nn.Module):
+    """Top-k routing per token with a capacity per expert; overflowing tokens are dropped
+    (their MLP output is 0). After each forward, `aux_loss` holds the Switch-Transformer
+    load-balancing loss E * sum_e f_e P_e (1.0 when perfectly balanced)."""
+
+    def __init__(self, dim, hidden, num_experts, capacity, top_k):
+        super().__init__()
+        self.num_experts = num_experts
+        self.capacity = capacity
+        self.top_k = top_k
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.aux_loss = None
+
+    def slots_per_expert(self, num_routed):
+        return math.ceil(self.capacity * num_routed / self.num_experts)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        E, K = self.num_experts, self.top_k
+        x_flat = x.reshape(N * T, D)
+        probs = F.softmax(self.gate(x_flat), dim=-1)                  # (N*T, E)
+        gates, ids_expert = torch.topk(probs, K, dim=-1)               # (N*T, K)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+
+        # choice-major order: every token's first choice is served before any second one
+        ids_expert = ids_expert.t().reshape(-1)                        # (K*N*T,)
+        gates = gates.t().reshape(-1)
+        ids_row = torch.arange(N * T, device=x.device).repeat(K)
+        C = self.slots_per_expert(N * T * K)
+        onehot = F.one_hot(ids_expert, E)                              # (K*N*T, E)
+        position = (onehot.cumsum(0) * onehot).sum(-1) - 1             # slot within expert
+        kept = position < C
+        # dropped assignments all write to one spare slot that is never read back
+        slot = torch.where(kept, ids_expert * C + position, E * C)
+
+        x_in = x.new_zeros(E * C + 1, D).index_add_(0, slot, x_flat[ids_row])
+        x_in = x_in[:-1].view(E, C, D)                                 # (E, C, D)
+        h = torch.bmm(F.gelu(torch.bmm(x_in, self.w1)), self.w2)      # (E, C, D)
+        h = torch.cat([h.reshape(E * C, D), h.new_zeros(1, D)])[slot]  # (K*N*T, D)
+        out = torch.zeros_like(x_flat).index_add_(0, ids_row, h * (gates * kept)[:, None])
+
+        top1_fraction = onehot[: N * T].float().mean(0)                # f_e
+        self.aux_loss = E * (top1_fraction * probs.mean(0)).sum()
+        return out.view(N, T, D)

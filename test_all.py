@@ -1,0 +1,281 @@
+"""The test suite: CPU only, minutes. Numbers are checked against the golden vectors that
+the paper's released code produced (fixtures/), against slow obviously-correct loops, and
+against closed forms."""
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import model as model_lib
+from mixer import keep_tokens, random_ids_keep, removed_mask, restore_tokens
+from model import PRESETS, DiTConfig, MicroDiT, count_params, forward_flops
+from moe import ExpertChoiceMoE, TokenChoiceMoE
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "microdit_golden_small.safetensors"
+
+
+def assert_close_rel(actual, expected, rel):
+    """max |actual - expected| <= rel * max |expected|"""
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel} x {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    tensors = load_file(GOLDEN)
+    config = json.loads(safe_open(GOLDEN, "pt").metadata()["config"])
+    net = MicroDiT(DiTConfig.from_dict(config)).eval()
+    net.load_state_dict({k[len("weights."):]: v for k, v in tensors.items()
+                         if k.startswith("weights.")})
+    return net, tensors, config
+
+
+# ----------------------------------------------------------------------------- network
+
+@pytest.mark.parametrize("name, params", [("MicroDiT_Tiny_2", 200_692_752),
+                                          ("MicroDiT_XL_2", 1_165_442_320)])
+def test_state_dict_matches_released_checkpoints(name, params):
+    with torch.device("meta"):
+        net = MicroDiT(PRESETS[name])
+    lines = [f"{k}\t{list(v.shape)}" for k, v in net.state_dict().items()]
+    assert lines == (FIXTURES / f"{name}.state_dict_shapes.txt").read_text().splitlines()
+    assert count_params(net) == params
+
+
+def test_forward_matches_released_code(golden):
+    net, g, _ = golden
+    with torch.no_grad():
+        out, mask = net(g["in.x"], g["in.t"], g["in.y"])
+    assert mask is None
+    assert_close_rel(out, g["out.nomask"], 1e-5)
+
+
+def test_masked_forward_matches_released_code(golden):
+    net, g, _ = golden
+    with torch.no_grad():
+        out, mask = net(g["in.x"], g["in.t"], g["in.y"], mask_ratio=0.75, ids_keep=g["in.ids_keep"])
+    assert_close_rel(out, g["out.masked75"], 1e-5)
+    assert torch.equal(mask, g["in.mask"])
+
+
+def test_pos_embed_rebuilt_for_512px(golden):
+    _, g, config = golden
+    net = MicroDiT(DiTConfig.from_dict({**config, "input_size": 16, "pos_interp_scale": 2.0}))
+    assert_close_rel(net.pos_embed, g["out.pos_embed_16px_interp2"], 1e-6)
+    assert torch.equal(golden[0].pos_embed, g["weights.pos_embed"])
+
+
+def test_checkpoint_file_roundtrip(golden, tmp_path):
+    """A released checkpoint is a plain torch.save of the state_dict; weights_only loading
+    then load_state_dict(strict) must reproduce the network."""
+    net, g, config = golden
+    path = tmp_path / "ckpt.pt"
+    torch.save(net.state_dict(), path)
+    fresh = MicroDiT(DiTConfig.from_dict(config)).eval()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh(g["in.x"], g["in.t"], g["in.y"])[0],
+                           net(g["in.x"], g["in.t"], g["in.y"])[0])
+
+
+def test_caption_shape_and_scalar_t(golden):
+    net, g, _ = golden
+    with torch.no_grad():
+        ref, _ = net(g["in.x"], g["in.t"][:1].expand(2), g["in.y"])
+        out, _ = net(g["in.x"], g["in.t"][:1], g["in.y"].squeeze(1))
+    assert torch.equal(out, ref)
+
+
+def test_wrong_input_size_is_a_clear_error(golden):
+    net, g, _ = golden
+    with pytest.raises(ValueError, match="input_size"):
+        net(torch.zeros(1, 4, 16, 16), g["in.t"][:1], g["in.y"][:1])
+
+
+def test_fresh_model_outputs_zero_and_trains():
+    """The zero-inits make a new model output exactly 0; one SGD step must move it."""
+    torch.manual_seed(0)
+    net = MicroDiT(PRESETS["MicroDiT_CPU_2"])
+    x, y, t = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 256), torch.randn(2)
+    out, _ = net(x, t, y, mask_ratio=0.5)
+    assert torch.count_nonzero(out) == 0
+    loss = (net(x, t, y)[0] - x).pow(2).mean()
+    loss.backward()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt.step()
+    assert (net(x, t, y)[0] - x).pow(2).mean() < loss
+
+
+def test_layerwise_scaling_widths():
+    cfg = PRESETS["MicroDiT_XL_2"]
+    ratios = model_lib.block_ratios(cfg.qkv_ratio, cfg.depth)
+    assert ratios[0] == 0.5 and ratios[-1] == 1.0 and len(ratios) == 28
+    assert model_lib.block_ratios([1.0, 2.0, 3.0, 4.0], 8) == [1, 1, 2, 2, 3, 3, 4, 4]
+    with pytest.raises(ValueError, match="spread evenly"):
+        model_lib.block_ratios([1.0, 2.0, 3.0], 8)
+
+
+# ----------------------------------------------------------------------------- masking
+
+def test_masking_helpers():
+    g = torch.Generator().manual_seed(0)
+    ids_keep = random_ids_keep(3, 16, 0.75, "cpu", generator=g)
+    assert ids_keep.shape == (3, 4)
+    for row in ids_keep:
+        assert len(set(row.tolist())) == 4
+    x = torch.randn(3, 16, 5)
+    kept = keep_tokens(x, ids_keep)
+    for n in range(3):
+        assert torch.equal(kept[n], x[n, ids_keep[n]])
+    token = torch.full((1, 1, 5), 7.0)
+    full = restore_tokens(kept, ids_keep, token, 16)
+    mask = removed_mask(ids_keep, 16)
+    assert mask.sum() == 3 * 12
+    assert torch.equal(full[mask == 0], x[mask == 0])
+    assert (full[mask == 1] == 7.0).all()
+
+
+def patch_sensitivity(cfg):
+    """Does the output at a kept patch change when the content of a removed patch does?"""
+    torch.manual_seed(0)
+    net = MicroDiT(cfg)
+    for p in net.parameters():  # undo the zero-inits so every path carries signal
+        torch.nn.init.normal_(p, std=0.1)
+    x, y, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 256), torch.randn(1)
+    ids_keep = torch.arange(32).view(1, 32)      # keep the top half of the image
+    x2 = x.clone()
+    x2[:, :, 12:, :] += 1.0                      # change only removed patches
+    with torch.no_grad():
+        a, _ = net(x, t, y, ids_keep=ids_keep)
+        b, _ = net(x2, t, y, ids_keep=ids_keep)
+    return (a - b)[:, :, :8].abs().max().item()
+
+
+def test_deferred_vs_naive_masking():
+    base = PRESETS["MicroDiT_CPU_2"]
+    assert patch_sensitivity(base) > 1e-4                     # the mixer saw every patch
+    assert patch_sensitivity(dataclasses.replace(base, mask_before_mixer=True)) == 0
+    assert patch_sensitivity(dataclasses.replace(base, patch_mixer_depth=0)) == 0
+
+
+def test_mixer_width_and_depth():
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], patch_mixer_depth=3, patch_mixer_dim=64)
+    net = MicroDiT(cfg)
+    assert len(net.patch_mixer) == 3 and net.patch_mixer_map_xin[1].out_features == 64
+    assert isinstance(net.patch_mixer[1].mlp, ExpertChoiceMoE)
+    out, mask = net(torch.randn(2, 4, 16, 16), torch.randn(2), torch.randn(2, 77, 256),
+                    mask_ratio=0.75)
+    assert out.shape == (2, 4, 16, 16) and mask.sum() == 2 * 48
+
+
+# ----------------------------------------------------------------------------- MoE
+
+def random_moe(cls, *args):
+    torch.manual_seed(0)
+    moe = cls(*args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return moe
+
+
+def test_expert_choice_equals_slow_loop():
+    moe = random_moe(ExpertChoiceMoE, 16, 24, 4, 2.0)
+    x = torch.randn(3, 10, 16)
+    k = int(2.0 * 10 / 4)
+    expected = torch.zeros_like(x)
+    for n in range(3):
+        probs = torch.softmax(x[n] @ moe.gate.weight.t(), dim=-1)         # (T, E)
+        for e in range(4):
+            gates, chosen = torch.topk(probs[:, e], k)
+            for g, tok in zip(gates, chosen):
+                h = F.gelu(x[n, tok] @ moe.w1[e]) @ moe.w2[e]
+                expected[n, tok] += g * h
+    assert_close_rel(moe(x), expected, 1e-5)
+
+
+def test_expert_choice_tokens_picked_by_none_get_zero():
+    moe = random_moe(ExpertChoiceMoE, 8, 8, 2, 0.5)   # 2 experts x 2 of 8 tokens
+    out = moe(torch.randn(1, 8, 8))
+    assert (out.abs().sum(-1) == 0).sum() >= 4
+
+
+def test_token_choice_equals_slow_loop():
+    moe = random_moe(TokenChoiceMoE, 16, 24, 4, 1.0, 2)
+    x = torch.randn(2, 9, 16)
+    xs = x.reshape(-1, 16)
+    probs = torch.softmax(xs @ moe.gate.weight.t(), dim=-1)
+    gates, experts = torch.topk(probs, 2, dim=-1)
+    gates = gates / gates.sum(-1, keepdim=True)
+    capacity = math.ceil(1.0 * 18 * 2 / 4)
+    load = [0] * 4
+    expected = torch.zeros_like(xs)
+    for choice in range(2):                   # all first choices before any second one
+        for i in range(18):
+            e = experts[i, choice].item()
+            if load[e] < capacity:
+                load[e] += 1
+                expected[i] += gates[i, choice] * (F.gelu(xs[i] @ moe.w1[e]) @ moe.w2[e])
+    assert_close_rel(moe(x).reshape(-1, 16), expected, 1e-5)
+    f = torch.bincount(experts[:, 0], minlength=4).float() / 18
+    assert torch.allclose(moe.aux_loss, 4 * (f * probs.mean(0)).sum())
+
+
+def test_token_choice_model_has_aux_loss():
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], moe_routing="token_choice")
+    net = MicroDiT(cfg)
+    assert net.aux_loss() == 0
+    net(torch.randn(2, 4, 16, 16), torch.randn(2), torch.randn(2, 77, 256), mask_ratio=0.75)
+    aux = net.aux_loss()
+    assert aux.requires_grad and aux > 0
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def math_sdpa(q, k, v, **_):
+    attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    return attn @ v
+
+
+@pytest.mark.parametrize("change", [{}, {"patch_mixer_dim": 96, "moe_routing": "token_choice"},
+                                    {"patch_mixer_depth": 0}, {"mask_before_mixer": True}])
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.75])
+def test_flop_count_matches_torch_counter(change, mask_ratio, monkeypatch):
+    """The analytic count equals torch's FLOP counter on a real forward (attention done
+    with explicit matmuls so the counter sees it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setattr(F, "scaled_dot_product_attention", math_sdpa)
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], **change)
+    net = MicroDiT(cfg)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.randn(2, 4, 16, 16), torch.randn(2), torch.randn(2, 77, 256),
+            mask_ratio=mask_ratio)
+    assert counter.get_total_flops() == 2 * forward_flops(cfg, 16, mask_ratio)
+
+
+def test_flops_masking_ratio_for_released_sizes():
+    tiny = PRESETS["MicroDiT_Tiny_2"]
+    ratio = forward_flops(tiny, 32, 0.75) / forward_flops(tiny, 32, 0.0)
+    assert 0.4 < ratio < 0.5     # the mixer and caption path are not masked
+
+
+# ----------------------------------------------------------------------------- compile
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    net = MicroDiT(PRESETS["MicroDiT_CPU_2"]).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, y, t = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 256), torch.randn(2)
+    ids_keep = random_ids_keep(2, 64, 0.75, "cpu", generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(net)
+    with torch.no_grad():
+        for kw in ({}, {"ids_keep": ids_keep}):
+            assert_close_rel(compiled(x, t, y, **kw)[0], net(x, t, y, **kw)[0], 1e-4)
