@@ -4,19 +4,22 @@ against closed forms."""
 import dataclasses
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import model as model_lib
 from diffusion import denoise, edm_loss, guided, heun_sample, sigma_steps
 from mixer import keep_tokens, random_ids_keep, removed_mask, restore_tokens
 from model import PRESETS, DiTConfig, MicroDiT, count_params, forward_flops
 from moe import ExpertChoiceMoE, TokenChoiceMoE
+from vae import VAE_PRESETS, AutoencoderKL, VAEConfig, load_vae
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "microdit_golden_small.safetensors"
@@ -370,3 +373,175 @@ def test_masked_loss_averages_kept_patches_only(golden):
         a = edm_loss(net, g["in.x"], g["in.y"], 0.75, **kw)
         b = edm_loss(poisoned, g["in.x"], g["in.y"], 0.75, **kw)
     assert_close_rel(b, a, 1e-6)
+
+
+# ----------------------------------------------------------------------------- VAE
+
+TINY = ("vae_tiny_4ch", "vae_tiny_16ch")
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def vae_golden(name):
+    return load_file(os.path.join(FIXTURES, name, "golden.safetensors"))
+
+
+def assert_matches_vae_golden(vae, g, rtol=1e-5, atol=1e-5):
+    with torch.no_grad():
+        posterior = vae.encode(g["in.image"])
+        decoded = vae.decode(posterior.mean)
+    torch.testing.assert_close(posterior.mean, g["out.mean"], rtol=rtol, atol=atol)
+    torch.testing.assert_close(posterior.logvar, g["out.logvar"], rtol=rtol, atol=atol)
+    torch.testing.assert_close(decoded, g["out.decoded_from_mean"], rtol=rtol, atol=atol)
+
+
+def copy_config(name, folder):
+    shutil.copy(os.path.join(FIXTURES, name, "config.json"), folder)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_vae_golden_diffusers_folder(name):
+    assert_matches_vae_golden(load_vae(os.path.join(FIXTURES, name)), vae_golden(name))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_vae_golden_safetensors_file(name):
+    path = os.path.join(FIXTURES, name, WEIGHTS)
+    assert_matches_vae_golden(load_vae(path), vae_golden(name))
+
+
+def test_vae_golden_ldm_single_file():
+    vae = load_vae(os.path.join(FIXTURES, "vae_tiny_4ch", "vae_ldm_format.safetensors"))
+    assert_matches_vae_golden(vae, vae_golden("vae_tiny_4ch"))
+
+
+def test_vae_ldm_ckpt_with_state_dict_wrapper_and_prefix(tmp_path):
+    # the layout of a whole SD training checkpoint: pickled, wrapped, VAE under a prefix
+    ldm = load_file(os.path.join(FIXTURES, "vae_tiny_4ch", "vae_ldm_format.safetensors"))
+    wrapped = {f"first_stage_model.{k}": v for k, v in ldm.items()}
+    wrapped["model.diffusion_model.some.weight"] = torch.zeros(3)  # other parts of the checkpoint
+    torch.save({"state_dict": wrapped, "global_step": 7}, tmp_path / "model.ckpt")
+    copy_config("vae_tiny_4ch", tmp_path)
+    assert_matches_vae_golden(load_vae(str(tmp_path / "model.ckpt")), vae_golden("vae_tiny_4ch"))
+
+
+def test_vae_ldm_without_config_infers_architecture(tmp_path):
+    shutil.copy(os.path.join(FIXTURES, "vae_tiny_4ch", "vae_ldm_format.safetensors"), tmp_path)
+    with pytest.warns(UserWarning, match="no config.json"):
+        vae = load_vae(str(tmp_path / "vae_ldm_format.safetensors"))
+    fixture = VAEConfig.from_json(os.path.join(FIXTURES, "vae_tiny_4ch", "config.json"))
+    assert vae.config.block_out_channels == fixture.block_out_channels == (32, 64)
+    assert vae.config.layers_per_block == fixture.layers_per_block == 1
+    assert vae.config.latent_channels == 4
+    # not in the weights: taken from the 4-channel preset (the fixture used 8 groups)
+    assert vae.scaling_factor == VAE_PRESETS["sdxl"].scaling_factor
+    assert vae.config.norm_num_groups == VAE_PRESETS["sdxl"].norm_num_groups
+
+
+def test_vae_old_attention_names(tmp_path):
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    src = os.path.join(FIXTURES, "vae_tiny_4ch")
+    state = load_file(os.path.join(src, WEIGHTS))
+    renamed = {}
+    for key, value in state.items():
+        for new, old in old_names.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        renamed[key] = value
+    assert any(".attentions.0.proj_attn." in k for k in renamed)
+    save_file(renamed, tmp_path / WEIGHTS)
+    copy_config("vae_tiny_4ch", tmp_path)
+    new, old = load_vae(src), load_vae(str(tmp_path))
+    image = vae_golden("vae_tiny_4ch")["in.image"]
+    with torch.no_grad():
+        torch.testing.assert_close(old.encode(image).mean, new.encode(image).mean, rtol=0, atol=0)
+        z = new.encode(image).mean
+        torch.testing.assert_close(old.decode(z), new.decode(z), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_vae_half_precision_weights_load_as_float32(tmp_path, half):
+    state = load_file(os.path.join(FIXTURES, "vae_tiny_16ch", WEIGHTS))
+    save_file({k: v.to(half) for k, v in state.items()}, tmp_path / WEIGHTS)
+    copy_config("vae_tiny_16ch", tmp_path)
+    vae = load_vae(str(tmp_path), dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
+    # only the weights were rounded: outputs stay within the rounding error of the format
+    tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[half]
+    assert_matches_vae_golden(vae, vae_golden("vae_tiny_16ch"), rtol=tol, atol=tol)
+
+
+def test_vae_chunked_decode_equals_unchunked():
+    vae = load_vae(os.path.join(FIXTURES, "vae_tiny_4ch"))
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = vae.decode(latents, chunk_size=5)
+        chunked = vae.decode(latents, chunk_size=2)  # 2 + 2 + 1
+    assert chunked.shape == (5, 3, 16, 16)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_scaled_latents_with_shift():
+    vae = load_vae(os.path.join(FIXTURES, "vae_tiny_16ch"))
+    assert (vae.scaling_factor, vae.shift_factor) == (0.5, 0.1)
+    z = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vae.to_scaled(z), (z - 0.1) * 0.5)
+    torch.testing.assert_close(vae.from_scaled(vae.to_scaled(z)), z)
+    g = vae_golden("vae_tiny_16ch")
+    with torch.no_grad():
+        decoded = vae.decode_from_scaled(vae.to_scaled(g["out.mean"]))
+    torch.testing.assert_close(decoded, g["out.decoded_from_mean"], rtol=1e-5, atol=1e-5)
+
+
+def test_vae_posterior_sample_is_seeded_reparameterisation():
+    vae = load_vae(os.path.join(FIXTURES, "vae_tiny_16ch"))
+    image = vae_golden("vae_tiny_16ch")["in.image"]
+    with torch.no_grad():
+        posterior = vae.encode(image)
+        sample = posterior.sample(generator=torch.Generator().manual_seed(3))
+        scaled = vae.encode_to_scaled(image, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sample, posterior.mean + posterior.std * noise)
+    torch.testing.assert_close(posterior.std, torch.exp(0.5 * posterior.logvar))
+    torch.testing.assert_close(scaled, vae.to_scaled(sample))  # a sample, not the mean
+    assert not torch.allclose(sample, posterior.mean)
+
+
+def test_vae_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_vae(str(tmp_path / "nope.safetensors"))
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="garbage.safetensors: cannot read VAE weights"):
+        load_vae(str(tmp_path / "garbage.safetensors"))
+    # right file format, wrong keys: the message names the file and the offending keys
+    state = load_file(os.path.join(FIXTURES, "vae_tiny_4ch", WEIGHTS))
+    state["encoder.extra.weight"] = torch.zeros(1)
+    del state["decoder.conv_out.bias"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(state, bad / WEIGHTS)
+    copy_config("vae_tiny_4ch", bad)
+    with pytest.raises(ValueError, match=r"bad/diffusion_pytorch_model.safetensors: .*"
+                                         r"1 missing keys: decoder.conv_out.bias; "
+                                         r"1 unexpected keys: encoder.extra.weight"):
+        load_vae(str(bad))
+
+
+def test_vae_sdxl_preset_has_diffusers_names_and_shapes():
+    with open(os.path.join(FIXTURES, "sdxl_vae.diffusers_state_dict_shapes.txt")) as f:
+        expected = {name: json.loads(shape) for name, shape in
+                    (line.rstrip("\n").split("\t") for line in f if line.strip())}
+    with torch.device("meta"):
+        vae = AutoencoderKL(VAE_PRESETS["sdxl"])
+    assert {k: list(v.shape) for k, v in vae.state_dict().items()} == expected
+
+
+def test_vae_fresh_init_any_multiple_of_downsampling():
+    cfg = VAEConfig(latent_channels=16, block_out_channels=(16, 32, 32), layers_per_block=1,
+                    norm_num_groups=8, scaling_factor=0.5, shift_factor=0.1)
+    vae = AutoencoderKL(cfg)
+    images = torch.rand(3, 3, 12, 20) * 2 - 1  # 2 downsamplings: multiples of 4 suffice
+    with torch.no_grad():
+        latents = vae.encode_to_scaled(images, chunk_size=2)
+        decoded = vae.decode_from_scaled(latents, chunk_size=2)
+    assert latents.shape == (3, 16, 3, 5)
+    assert decoded.shape == images.shape
+    assert torch.isfinite(decoded).all()
