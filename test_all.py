@@ -545,3 +545,131 @@ def test_vae_fresh_init_any_multiple_of_downsampling():
     assert latents.shape == (3, 16, 3, 5)
     assert decoded.shape == images.shape
     assert torch.isfinite(decoded).all()
+
+
+# ----------------------------------------------------------------------------- text features
+
+def test_text_features_are_open_clips_own_pre_pool_tokens(tmp_path):
+    """Load a small open_clip CLIP through the real file path; our [N, 77, D] features,
+    pooled at the end token and projected, must equal open_clip's encode_text."""
+    import open_clip
+    from text import load_text_encoder
+    arch = {"embed_dim": 32, "quick_gelu": True,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                         "layers": 2}}
+    (tmp_path / "tiny-clip-test.json").write_text(json.dumps(arch))
+    open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
+    torch.manual_seed(0)
+    reference = open_clip.create_model("tiny-clip-test", force_quick_gelu=True).eval()
+    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    enc = load_text_encoder(str(tmp_path), arch="tiny-clip-test")
+    assert type(enc.tower.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    prompts = ["a small red circle in the top left", "a cat"]
+    feats = enc.encode(prompts)
+    assert feats.shape == (2, 77, 64)
+    ids = enc.tokenize(prompts)
+    pooled = feats[torch.arange(2), ids.argmax(dim=-1)] @ reference.text_projection
+    with torch.no_grad():
+        assert_close_rel(pooled, reference.encode_text(ids), 1e-5)
+
+
+def test_tiny_random_text_tower_is_fixed_by_its_seed():
+    from text import TINY_WIDTH, load_text_encoder
+    a = load_text_encoder("tiny-random").encode(["a blue square", "a red circle"])
+    b = load_text_encoder("tiny-random").encode(["a blue square", "a red circle"])
+    assert a.shape == (2, 77, TINY_WIDTH) and torch.equal(a, b)
+    assert (a[0] - a[1]).abs().max() > 0.1       # different words, different features
+
+
+def test_long_prompt_warns_about_truncation():
+    from text import load_text_encoder
+    with pytest.warns(UserWarning, match="truncated to 77"):
+        load_text_encoder("tiny-random").tokenize(["word " * 100])
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A CPU-preset model with random weights saved as a bare state_dict, like the
+    released .pt files."""
+    torch.manual_seed(0)
+    net = MicroDiT(PRESETS["MicroDiT_CPU_2"])
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(net.state_dict(), path)
+    return path, net
+
+
+def run_sample(*args):
+    import sample
+    return sample.main([str(a) for a in args])
+
+
+def test_sample_end_to_end_matches_the_pipeline(tiny_checkpoint, tmp_path):
+    """PNG pixels equal the paper's pipeline done by hand: one seeded randn for all images,
+    Heun with guidance, VAE decode of latents / scaling, (x / 2 + 0.5) clamped."""
+    from PIL import Image
+    from text import load_text_encoder
+    path, net = tiny_checkpoint
+    vae_dir = FIXTURES / "vae_tiny_4ch"
+    prompts = ["a small red circle", "a large blue square"]
+    rc = run_sample(*prompts, "--ckpt", path, "--vae", vae_dir, "--clip", "tiny-random",
+                    "--steps", 3, "--cfg", 2.5, "--seed", 7, "--out", tmp_path)
+    assert rc == 0
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    y = load_text_encoder("tiny-random").encode(prompts)
+    latents = heun_sample(net.eval(), noise, y, steps=3, cfg=2.5)
+    with torch.no_grad():
+        decoded = load_vae(vae_dir).decode(latents / 0.13025)
+    expected = ((decoded / 2 + 0.5).clamp(0, 1) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    for i, prompt in enumerate(prompts):
+        png = Image.open(tmp_path / f"{i:04d}_{prompt.replace(' ', '_')}.png")
+        got = torch.from_numpy(__import__("numpy").array(png)).permute(2, 0, 1)
+        assert png.size == (32, 32)
+        assert torch.equal(got, expected[i])
+        assert png.text["prompt"] == prompt and png.text["seed"] == "7"
+        assert png.text["steps"] == "3" and png.text["cfg"] == "2.5"
+        assert png.text["checkpoint"] == str(path)
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_sample_same_seed_same_image(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint
+    common = ["a red circle", "--ckpt", path, "--vae", FIXTURES / "vae_tiny_4ch", "--clip",
+              "tiny-random", "--steps", 2, "--no-grid"]
+    for seed, out in ((1, "a"), (1, "b"), (2, "c")):
+        assert run_sample(*common, "--seed", seed, "--out", tmp_path / out) == 0
+    read = lambda d: (tmp_path / d / "0000_a_red_circle.png").read_bytes()
+    assert read("a") == read("b") and read("a") != read("c")
+
+
+def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
+    path, _ = tiny_checkpoint
+    assert run_sample("a cat", "--ckpt", tmp_path / "missing.pt") == 2
+    assert "huggingface-cli download" in capsys.readouterr().err
+    assert run_sample("", "--ckpt", path, "--vae", "none", "--clip", "tiny-random") == 2
+    assert "empty" in capsys.readouterr().err
+    assert run_sample("a cat", "--ckpt", path, "--preset", "MicroDiT_Tiny_2", "--vae", "none",
+                      "--clip", "tiny-random") == 2
+    assert "does not match MicroDiT_Tiny_2" in capsys.readouterr().err
+
+
+def test_released_style_checkpoint_infers_its_preset(tiny_checkpoint):
+    import sample
+    path, net = tiny_checkpoint
+    loaded, _ = sample.load_dit(str(path))
+    assert loaded.cfg == net.cfg
+    x, t, y = torch.randn(1, 4, 16, 16), torch.randn(1), torch.randn(1, 77, 256)
+    assert torch.equal(loaded(x, t, y)[0], net.eval()(x, t, y)[0])
+
+
+def test_sample_at_another_resolution_rebuilds_pos_embed(tiny_checkpoint):
+    import sample
+    path, net = tiny_checkpoint
+    loaded, _ = sample.load_dit(str(path), latent_size=32)
+    assert loaded.cfg.input_size == 32 and loaded.cfg.pos_interp_scale == 2.0
+    assert loaded.pos_embed.shape == (1, 256, 128)
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)

@@ -1,0 +1,284 @@
+"""Text to image: python sample.py "a cat" ["a dog" ...]
+
+Without --ckpt it uses the paper's released 512px model
+(dit_4_channel_37M_real_and_synthetic_data.pt) with the SDXL VAE and DFN5B CLIP, fetched
+from the Hugging Face hub on first use and read from the local cache afterwards.
+
+The noise is one torch.randn of shape [N, C, latent, latent] for all N images, from a
+generator seeded with --seed on the sampling device: the released code's draw, so the same
+seed and prompt list give the same images as the paper's pipeline.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from contextlib import nullcontext
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from diffusion import heun_sample
+from model import PRESETS, DiTConfig, MicroDiT, sincos_pos_embed
+from text import DEFAULT_CLIP, load_text_encoder
+
+RELEASED_REPO = "VSehwag24/MicroDiT"
+RELEASED_CKPT = "ckpts/dit_4_channel_37M_real_and_synthetic_data.pt"
+# the VAE each released latent width was trained with
+DEFAULT_VAES = {4: "stabilityai/stable-diffusion-xl-base-1.0", 16: "ostris/vae-kl-f8-d16"}
+PIXEL_SPACE = "none"  # --vae none: the model works on pixels directly
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def download_instructions():
+    return ("Download the released weights once (about 9 GB in all):\n"
+            f"    huggingface-cli download {RELEASED_REPO} {RELEASED_CKPT} --local-dir weights\n"
+            "    huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 "
+            "vae/config.json vae/diffusion_pytorch_model.safetensors --local-dir weights/sdxl\n"
+            "    huggingface-cli download apple/DFN5B-CLIP-ViT-H-14-378 "
+            "open_clip_model.safetensors --local-dir weights/clip\n"
+            f"then: python sample.py \"a cat\" --ckpt weights/{RELEASED_CKPT} "
+            "--vae weights/sdxl/vae --clip weights/clip/open_clip_model.safetensors")
+
+
+def hub_file(repo, filename):
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # offline and not cached, or no such file
+        raise FileNotFoundError(f"cannot get {filename} from {repo} ({type(e).__name__}).\n"
+                                + download_instructions()) from e
+
+
+def resolve_vae(name):
+    """A local VAE path as it is, or a hub repo fetched (config and safetensors only)."""
+    if os.path.exists(name):
+        return name
+    if name.count("/") != 1:
+        raise FileNotFoundError(f"--vae {name!r}: no such file or folder, and not a hub id")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name, allow_patterns=[
+            "config.json", "diffusion_pytorch_model.safetensors",
+            "vae/config.json", "vae/diffusion_pytorch_model.safetensors"])
+    except Exception as e:
+        raise FileNotFoundError(f"cannot get the VAE {name} ({type(e).__name__}).\n"
+                                + download_instructions()) from e
+
+
+def infer_config(state):
+    """DiTConfig of a bare state_dict (a released .pt): sizes are read off the weights and
+    the preset is the one whose every name and shape fits."""
+    try:
+        proj = state["x_embedder.proj.weight"]                         # (D, C, p, p)
+        tokens = state["pos_embed"].shape[1]
+        caption_channels = state["y_embedder.y_proj.fc1.weight"].shape[1]
+    except KeyError as e:
+        raise CheckpointError(f"not a MicroDiT state_dict: no {e}") from e
+    input_size = int(round(tokens ** 0.5)) * proj.shape[2]
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name, preset in PRESETS.items():
+        cfg = dataclasses.replace(preset, in_channels=proj.shape[1], patch_size=proj.shape[2],
+                                  input_size=input_size, caption_channels=caption_channels)
+        with torch.device("meta"):
+            net = MicroDiT(cfg)
+        if {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes:
+            # the stored pos_embed tells which interpolation it was built with
+            grid = input_size // cfg.patch_size
+            for scale in (input_size / 32, 1.0, 2.0):
+                rebuilt = sincos_pos_embed(cfg.dim, grid, grid, scale)
+                if torch.allclose(rebuilt, state["pos_embed"][0].float(), atol=1e-5):
+                    return dataclasses.replace(cfg, pos_interp_scale=scale)
+            return cfg
+    raise CheckpointError(f"the weights (width {proj.shape[0]}, {len(shapes)} tensors) fit no "
+                          f"preset in {list(PRESETS)}: use a checkpoint saved by train.py, "
+                          f"which carries its config")
+
+
+def read_checkpoint(path):
+    """(state_dict, model config dict or None, extra info) from a released .pt (bare
+    state_dict), a train.py checkpoint (EMA weights preferred) or an exported .safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found.\n" + download_instructions())
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        meta = safe_open(path, "pt").metadata() or {}
+        info = json.loads(meta.get("info", "{}"))
+        return load_file(path), info.get("model_config"), info
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read it as a checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
+        return state, ckpt.get("model_config"), {k: ckpt.get(k) for k in ("vae", "clip", "step")}
+    return ckpt, None, {}
+
+
+def load_dit(path, preset=None, latent_size=None, device="cpu"):
+    """The network of a checkpoint file, in eval mode, and the checkpoint's extra info."""
+    state, config, info = read_checkpoint(path)
+    return build_dit(state, config, preset, latent_size, device, source=path), info
+
+
+def build_dit(state, config, preset=None, latent_size=None, device="cpu", source="checkpoint"):
+    """MicroDiT holding `state`. `preset` forces an architecture (an error names the first
+    mismatching tensors); `latent_size` rebuilds pos_embed for another resolution."""
+    if preset is not None:
+        cfg = PRESETS[preset]
+        proj = state["x_embedder.proj.weight"]
+        cfg = dataclasses.replace(cfg, in_channels=proj.shape[1],
+                                  input_size=int(round(state["pos_embed"].shape[1] ** 0.5)) * proj.shape[2],
+                                  caption_channels=state["y_embedder.y_proj.fc1.weight"].shape[1])
+    elif config is not None:
+        cfg = DiTConfig.from_dict(config)
+    else:
+        cfg = infer_config(state)
+    if latent_size and latent_size != cfg.input_size:
+        scale = cfg.pos_interp_scale * latent_size / cfg.input_size
+        cfg = dataclasses.replace(cfg, input_size=latent_size, pos_interp_scale=scale)
+        state = {k: v for k, v in state.items() if k != "pos_embed"}
+    with torch.device("meta"):
+        net = MicroDiT(cfg)
+    expected = net.state_dict()
+    bad = [f"missing {k}" for k in expected if k not in state and k != "pos_embed"]
+    bad += [f"unexpected {k}" for k in state if k not in expected]
+    bad += [f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items()
+            if k in state and state[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"{source} does not match {preset or 'its config'}: "
+                              f"{len(bad)} mismatches, first: {', '.join(bad[:4])}")
+    net = MicroDiT(cfg)
+    net.load_state_dict(state, strict=False)  # pos_embed may be rebuilt for latent_size
+    return net.to(device).eval().requires_grad_(False)
+
+
+def slug(text, length=40):
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:length] or "empty"
+
+
+def to_pil(image):
+    """[3, H, W] in [0, 1] -> PIL image, rounded as torchvision's save_image does."""
+    array = (image * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def grid_image(images, columns):
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+@torch.no_grad()
+def generate(net, text_encoder, vae, prompts, seed, steps, cfg, batch_size, device):
+    """Images [N, 3, H, W] in [0, 1] for the prompts (vae None: pixel-space model)."""
+    c = net.cfg
+    generator = torch.Generator(device).manual_seed(seed)
+    noise = torch.randn(len(prompts), c.in_channels, c.input_size, c.input_size,
+                        generator=generator, device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
+                else nullcontext())
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        y = text_encoder.encode(prompts[start:start + batch_size])
+        with autocast:
+            latents = heun_sample(net, noise[start:start + batch_size], y, steps, cfg)
+        out = latents if vae is None else vae.decode_from_scaled(latents.to(next(vae.parameters()).dtype))
+        images.append((out.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(images)
+
+
+def read_prompts(args):
+    prompts = list(args.prompts)
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError('no prompt given: python sample.py "a cat" (or --prompt-file FILE)')
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ValueError(f"prompt {i + 1} is empty: give each image a caption")
+    return [p for p in prompts for _ in range(args.n)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", nargs="*", help="one image per prompt (times --n)")
+    parser.add_argument("--prompt-file", help="a text file with one prompt per line")
+    parser.add_argument("--ckpt", help="released .pt, train.py checkpoint or exported "
+                                       ".safetensors (default: the paper's 512px model)")
+    parser.add_argument("--preset", choices=PRESETS, help="force the architecture")
+    parser.add_argument("--vae", help="VAE folder/file/hub id, or 'none' for a pixel-space "
+                                      "model (default: the checkpoint's, else by latent width)")
+    parser.add_argument("--clip", help=f"CLIP weights file/folder/hub id or 'tiny-random' "
+                                       f"(default: the checkpoint's, else {DEFAULT_CLIP})")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--cfg", type=float, default=5.0, help="guidance scale (1: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=1, help="images per prompt")
+    parser.add_argument("--res", type=int, help="image resolution (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default="samples")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-grid", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    prompts = read_prompts(args)
+    ckpt = args.ckpt or hub_file(RELEASED_REPO, RELEASED_CKPT)
+    state, config, info = read_checkpoint(ckpt)
+    vae_name = args.vae or info.get("vae")
+    clip_name = args.clip or info.get("clip") or DEFAULT_CLIP
+    dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+
+    vae = None
+    if vae_name != PIXEL_SPACE:
+        from vae import load_vae
+        channels = state["x_embedder.proj.weight"].shape[1]
+        vae = load_vae(resolve_vae(vae_name or DEFAULT_VAES[channels]), args.device, dtype)
+    factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = args.res // factor if args.res else None
+    net = build_dit(state, config, args.preset, latent_size, args.device, source=ckpt)
+    del state
+    text_encoder = load_text_encoder(clip_name, args.device)
+    if text_encoder.width != net.cfg.caption_channels:
+        raise ValueError(f"the text encoder {clip_name!r} gives {text_encoder.width}-wide "
+                         f"features but the model expects {net.cfg.caption_channels}: pass the "
+                         f"--clip the model was trained with")
+
+    images = generate(net, text_encoder, vae, prompts, args.seed, args.steps, args.cfg,
+                      args.batch_size, args.device)
+    os.makedirs(args.out, exist_ok=True)
+    pil_images = []
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        meta = PngImagePlugin.PngInfo()
+        for key, value in [("prompt", prompt), ("seed", args.seed), ("index", i),
+                           ("steps", args.steps), ("cfg", args.cfg), ("checkpoint", ckpt)]:
+            meta.add_text(key, str(value))
+        pil = to_pil(image)
+        pil.save(os.path.join(args.out, f"{i:04d}_{slug(prompt)}.png"), pnginfo=meta)
+        pil_images.append(pil)
+    if not args.no_grid:
+        grid_image(pil_images, args.n if args.n > 1 else min(len(pil_images), 8)).save(
+            os.path.join(args.out, "grid.png"))
+    print(f"wrote {len(pil_images)} images to {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Caption features from an OpenCLIP text tower: [N, 77, width] token features.
+
+The paper uses `ViT-H-14-378-quickgelu` with Apple's DFN5B weights and keeps ALL 77 token
+features after the final LayerNorm (no pooling, no projection): the DiT cross-attends to
+them. QuickGELU must be forced: a local weights file does not say which activation it was
+trained with, and plain GELU gives silently different features.
+
+    enc = load_text_encoder("hf-hub:apple/DFN5B-CLIP-ViT-H-14-378")   # or a local file / folder
+    feats = enc.encode(["a cat", "a dog"])                              # (2, 77, 1024)
+
+`tiny-random` is a small randomly initialised tower (same tokenizer, 77 tokens, width 256)
+FOR TESTS AND OFFLINE DEMOS ONLY: its features carry the words of the caption but no
+meaning learned from images. Its weights are fixed by a seed, so data prepared with it and
+a model sampled with it agree.
+"""
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+DEFAULT_CLIP = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
+CLIP_ARCH = "ViT-H-14-378-quickgelu"
+TINY_RANDOM = "tiny-random"
+TINY_WIDTH = 256
+CONTEXT_LENGTH = 77
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def download_hint(repo):
+    return (f"download the weights once with\n"
+            f"    huggingface-cli download {repo} {WEIGHT_FILES[0]} --local-dir weights/clip\n"
+            f"and pass --clip weights/clip/{WEIGHT_FILES[0]}")
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, tower, tokenizer, name):
+        super().__init__()
+        self.tower = tower  # an open_clip CLIP or TextTransformer: the text parts are used
+        self.tokenizer = tokenizer
+        self.name = name
+        self.width = tower.ln_final.weight.shape[0]
+
+    def tokenize(self, prompts):
+        """Token ids [N, 77]; warns about prompts longer than 77 tokens (they are cut)."""
+        for prompt in prompts:
+            n = len(self.tokenizer.encode(prompt)) + 2  # start and end tokens
+            if n > CONTEXT_LENGTH:
+                warnings.warn(f"prompt has {n} tokens and is truncated to {CONTEXT_LENGTH}: "
+                              f"{prompt[:60]!r}...")
+        return self.tokenizer(list(prompts))
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Prompts -> float32 token features [N, 77, width]."""
+        device = self.tower.ln_final.weight.device
+        ids = self.tokenize(prompts).to(device)
+        t = self.tower
+        x = t.token_embedding(ids) + t.positional_embedding                # (N, 77, width)
+        if getattr(t.transformer, "batch_first", True):
+            x = t.transformer(x, attn_mask=t.attn_mask)
+        else:  # open_clip before 2.23 ran its transformer sequence-first
+            x = t.transformer(x.transpose(0, 1), attn_mask=t.attn_mask).transpose(0, 1)
+        return t.ln_final(x).float()                                         # (N, 77, width)
+
+
+def tiny_random_tower():
+    from open_clip.transformer import TextTransformer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TextTransformer(context_length=CONTEXT_LENGTH, width=TINY_WIDTH, heads=4,
+                               layers=2, output_dim=TINY_WIDTH)
+
+
+def resolve_clip_weights(name):
+    """A local file, a folder holding one of WEIGHT_FILES, or a hub id ('hf-hub:org/repo'
+    or 'org/repo') fetched once and then read from the local cache."""
+    if os.path.isfile(name):
+        return name
+    if os.path.isdir(name):
+        for f in WEIGHT_FILES:
+            if os.path.isfile(os.path.join(name, f)):
+                return os.path.join(name, f)
+        raise FileNotFoundError(f"{name}: no CLIP weights in this folder (looked for "
+                                f"{', '.join(WEIGHT_FILES)})")
+    repo = name.removeprefix("hf-hub:")
+    if repo.count("/") != 1:
+        raise FileNotFoundError(f"--clip {name!r}: not a file, a folder or a hub id "
+                                f"(org/repo); or use '{TINY_RANDOM}' for offline tests")
+    from huggingface_hub import hf_hub_download
+    errors = []
+    for f in WEIGHT_FILES:
+        try:
+            return hf_hub_download(repo, f)
+        except Exception as e:  # offline, not cached, or not in this repo
+            errors.append(f"{f}: {type(e).__name__}")
+    raise FileNotFoundError(f"cannot get CLIP weights for {name} ({'; '.join(errors)}): "
+                            + download_hint(repo))
+
+
+def load_text_encoder(name=DEFAULT_CLIP, device="cpu", dtype=torch.float32, arch=CLIP_ARCH):
+    """A frozen TextEncoder from a hub id, a local file or folder, or 'tiny-random'.
+    `arch` is the open_clip architecture the weights belong to."""
+    import open_clip
+    tokenizer = open_clip.get_tokenizer(CLIP_ARCH)  # the same BPE for every OpenAI-style tower
+    if name == TINY_RANDOM:
+        tower = tiny_random_tower()
+    else:
+        tower = open_clip.create_model(arch, pretrained=resolve_clip_weights(name),
+                                       force_quick_gelu=True)
+        tower.visual = None  # 632M parameters the captions never need
+    return TextEncoder(tower, tokenizer, name).to(device, dtype).eval().requires_grad_(False)
