@@ -1,0 +1,1312 @@
+"""Everything between a pile of captioned images and a training batch.
+
+    python data.py demo --out data/shapes32 --n 4000 --res 32               # built-in set, pixels
+    python data.py prepare --src imgs/ --out data/mine --res 256 512 --vae weights/sdxl-vae
+    torchrun --nproc_per_node 8 data.py prepare --src shards/ --out data/cc12m --res 256 512 ...
+
+    loader = LatentLoader("data/cc12m:0.6,data/synthetic:0.4", resolution=256, batch_size=256)
+    batch = next(loader)         # {"latents": (B, C, h, w) float32, "captions": (B, 77, D) float32}
+
+Inputs: a folder of images with same-named .txt captions, img2dataset WebDataset tars, COCO
+captions JSON + image folder, or the built-in shapes set. `prepare` resizes (short side,
+bicubic), centre-crops, encodes each resolution with the VAE (a posterior SAMPLE, scaled) or
+keeps the pixels in [-1, 1] (`--vae none`), encodes the captions to [77, D] token features,
+and writes float16 shards. The loader reads those shards, or the paper's own MosaicML MDS
+latent shards, memory-mapped.
+
+Shard format (one directory): `shard-NNNNN.<column>.npy` float16 arrays, one row per sample
+(`latents_<res>` [n, C, h, w] (h = res/8 with the SDXL VAE), or `images_<res>` [n, 3, res,
+res] in pixel mode, and
+`caption_feats` [n, 77, D]); `shard-NNNNN.json` with the keys and caption strings, written
+last, so its presence marks a complete shard; `index.json` (columns, shapes, sample counts,
+encoders) and `summary.json` (what was skipped or converted), written when every shard is
+done.
+"""
+import argparse
+import atexit
+import collections
+import functools
+import glob
+import hashlib
+import io
+import json
+import os
+import queue
+import tarfile
+import threading
+import time
+import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from text import load_text_encoder
+from vae import load_vae
+
+FORMAT = "microdit-shards"
+FORMAT_VERSION = 1
+CAPTION_COLUMN = "caption_feats"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SOURCE_FORMATS = ("folder", "tar", "coco", "demo")
+
+# ----------------------------------------------------------------------------------------
+# built-in data: coloured shapes with captions that say what and where they are
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {  # far apart in RGB, and each has an everyday name
+    "red": (230, 25, 25), "green": (25, 170, 45), "blue": (30, 70, 230),
+    "yellow": (245, 215, 20), "purple": (140, 40, 190), "orange": (250, 130, 15),
+    "white": (245, 245, 245), "black": (15, 15, 15),
+}
+SIZES = {"small": 0.25, "large": 0.45}  # shape diameter as a fraction of the image side
+POSITIONS = {  # shape centre as (x, y) fractions of the image side
+    "top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75), "center": (0.5, 0.5),
+}
+
+
+@dataclass(frozen=True)
+class ShapeAttributes:
+    shape: str
+    color: str
+    size: str
+    position: str
+    background: str
+
+
+def sample_attributes(rng):
+    """Random attributes from a numpy Generator; the background never has the shape's colour."""
+    color = str(rng.choice(list(COLORS)))
+    return ShapeAttributes(shape=str(rng.choice(SHAPES)), color=color,
+                           size=str(rng.choice(list(SIZES))),
+                           position=str(rng.choice(list(POSITIONS))),
+                           background=str(rng.choice([c for c in COLORS if c != color])))
+
+
+def demo_attributes(seed, i):
+    """Attributes of sample i of the built-in set: a function of (seed, i) alone, so any
+    slice of the set can be rendered without the rest."""
+    return sample_attributes(np.random.default_rng([seed, i]))
+
+
+def caption_of(a):
+    article = "an" if a.background[0] in "aeiou" else "a"
+    return (f"a {a.size} {a.color} {a.shape} in the {a.position} on {article} {a.background} "
+            f"background")
+
+
+def render_shapes(a, res, supersample=4):
+    """attributes -> (res, res) RGB image. Drawn at `supersample` times the size and
+    box-filtered down, so edges are anti-aliased the same way at every resolution."""
+    s = res * supersample
+    img = Image.new("RGB", (s, s), COLORS[a.background])
+    draw = ImageDraw.Draw(img)
+    cx, cy = (f * s for f in POSITIONS[a.position])
+    r = SIZES[a.size] * s / 2  # every shape fits in the circle of radius r
+    fill = COLORS[a.color]
+    if a.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif a.shape == "square":
+        h = r * 0.8  # a square inscribed in the circle looks small next to it; this reads alike
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif a.shape == "triangle":
+        angles = np.deg2rad([-90, 30, 150])  # equilateral, point up, centred on (cx, cy)
+        draw.polygon([(cx + r * np.cos(t), cy + r * np.sin(t)) for t in angles], fill=fill)
+    elif a.shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif a.shape == "cross":
+        w = r * 0.35
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {a.shape!r}; choose from {SHAPES}")
+    return img.reduce(supersample)
+
+
+# ----------------------------------------------------------------------------------------
+# inputs: every format becomes a list of work shards, each a list of records
+
+Record = collections.namedtuple("Record", "key load_image caption")
+# key: unique within the dataset; load_image: () -> PIL image, or None when the image is
+# missing; caption: bytes (decoded later, so bad encodings are counted), str, None, or a
+# () -> one of those (read in the decoding threads)
+
+
+@dataclass
+class WorkShard:
+    origin: str              # where the records come from, for messages and the manifest
+    size: int | None         # number of records, when known before reading
+    records: object          # (counts) -> iterator of Record; counts takes input-level problems
+    fingerprint: str         # changes when the input behind this shard changes
+
+
+def detect_format(src):
+    if src == "demo":
+        return "demo"
+    if src.endswith(".json"):
+        return "coco"
+    if src.endswith(".tar") or any(c in src for c in "*?["):
+        return "tar"
+    if os.path.isdir(src):
+        if os.path.exists(os.path.join(src, "index.json")):
+            raise ValueError(f"{src} already holds prepared shards (it has an index.json): "
+                             f"pass it to training directly (--data {src})")
+        if any(f.endswith(".tar") for f in os.listdir(src)):
+            return "tar"
+        return "folder"
+    raise FileNotFoundError(f"--src {src}: no such file or folder (expected a folder of images "
+                            f"with .txt captions, a folder or glob of .tar shards, a COCO "
+                            f"captions .json, or 'demo')")
+
+
+def _chunks(records, size, origin):
+    return [WorkShard(f"{origin}[{i}:{i + len(part)}]", len(part),
+                      lambda counts, part=part: iter(part), "\n".join(r.key for r in part))
+            for i in range(0, len(records), size) for part in [records[i:i + size]]]
+
+
+def _read_if_exists(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def folder_shards(root, shard_size):
+    """Every image under root (nested folders too), in sorted path order; its caption is the
+    same path with .txt."""
+    records = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(dirpath, name)
+            records.append(Record(os.path.relpath(path, root), functools.partial(Image.open, path),
+                                  functools.partial(_read_if_exists,
+                                                    os.path.join(dirpath, stem + ".txt"))))
+    if not records:
+        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return _chunks(records, shard_size, root)
+
+
+def tar_shards(src):
+    """One work shard per tar (img2dataset writes ~10k samples per tar). A folder means every
+    .tar in it; a pattern is expanded with glob."""
+    if os.path.isdir(src):
+        paths = sorted(glob.glob(os.path.join(src, "*.tar")))
+    else:
+        paths = sorted(glob.glob(src))
+    if not paths:
+        raise FileNotFoundError(f"--src {src}: no .tar files")
+    return [WorkShard(path, _img2dataset_count(path),
+                      lambda counts, path=path: _tar_records(path, counts),
+                      f"{path} {os.path.getsize(path)}") for path in paths]
+
+
+def _img2dataset_count(tar_path):
+    """img2dataset leaves NNNNN_stats.json next to NNNNN.tar; its count gives the progress bar
+    a total. Without it the bar shows the rate only."""
+    try:
+        with open(tar_path[:-len(".tar")] + "_stats.json") as f:
+            return int(json.load(f)["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _tar_records(path, counts):
+    """WebDataset grouping: consecutive members sharing a name up to the first dot of the
+    basename form one sample (KEY.jpg, KEY.txt, KEY.json)."""
+    tar_name = os.path.basename(path)
+    group_key, files = None, {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                dirname, base = os.path.split(member.name)
+                stem, _, ext = base.partition(".")
+                key = os.path.join(dirname, stem)
+                if key != group_key and group_key is not None:
+                    yield _tar_record(tar_name, group_key, files)
+                    files = {}
+                group_key = key
+                files[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        counts["bad_tar"] += 1
+        print(f"{path}: stopped reading after {group_key!r} ({type(e).__name__}: {e})")
+        return  # the last group may be incomplete: drop it
+    if group_key is not None:
+        yield _tar_record(tar_name, group_key, files)
+
+
+def _tar_record(tar_name, key, files):
+    image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+    caption = files.get("txt")
+    if caption is None and "json" in files:  # some writers keep the caption only in the json
+        try:
+            caption = json.loads(files["json"]).get("caption")
+        except (ValueError, AttributeError):  # not JSON, or not an object
+            caption = None
+        caption = caption if isinstance(caption, str) else None
+    return Record(f"{tar_name}/{key}",
+                  None if image is None else (lambda: Image.open(io.BytesIO(image))), caption)
+
+
+def coco_shards(json_path, images_dir, which, shard_size):
+    """COCO captions: one sample per image with its first caption (file order), or one per
+    caption (`which='all'`). Images without a caption are left out."""
+    with open(json_path) as f:
+        coco = json.load(f)
+    if images_dir is None:  # the usual layout: annotations/captions_X.json next to X/
+        split = os.path.basename(json_path).removeprefix("captions_").removesuffix(".json")
+        here = os.path.dirname(os.path.abspath(json_path))
+        candidates = [os.path.join(here, split), os.path.join(os.path.dirname(here), split)]
+        images_dir = next((c for c in candidates if os.path.isdir(c)), None)
+        if images_dir is None:
+            raise FileNotFoundError(f"{json_path}: cannot find its images (looked in "
+                                    f"{' and '.join(candidates)}); pass --coco-images DIR")
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    captions = collections.defaultdict(list)
+    for ann in coco["annotations"]:
+        captions[ann["image_id"]].append((ann["id"], ann["caption"]))
+    records = []
+    for image_id in sorted(files):
+        path = os.path.join(images_dir, files[image_id])
+        for ann_id, caption in captions[image_id][:1 if which == "first" else None]:
+            key = f"{image_id}" if which == "first" else f"{image_id}-{ann_id}"
+            records.append(Record(key, lambda path=path: Image.open(path), caption))
+    return _chunks(records, shard_size, json_path)
+
+
+def demo_shards(n, seed, res, shard_size):
+    records = [Record(f"shapes-{i:07d}",
+                      lambda i=i: render_shapes(demo_attributes(seed, i), res),
+                      lambda i=i: caption_of(demo_attributes(seed, i))) for i in range(n)]
+    return _chunks(records, shard_size, f"demo(seed={seed})")
+
+
+# ----------------------------------------------------------------------------------------
+# one sample: decode, repair, resize; nothing here raises on bad input, it counts instead
+
+def decode_caption(raw, counts):
+    """bytes/str -> stripped str, or None when missing or empty. Non-UTF-8 bytes are read as
+    Windows-1252, the usual culprit (b'caf\\xe9' -> 'café')."""
+    if callable(raw):
+        raw = raw()
+    if raw is None:
+        counts["missing_caption"] += 1
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            counts["non_utf8_caption"] += 1
+            raw = raw.decode("cp1252", errors="replace")
+    text = raw.strip()
+    if not text:
+        counts["empty_caption"] += 1
+        return None
+    return text
+
+
+def to_rgb(img, counts):
+    """Any PIL mode -> 8-bit RGB. Transparency is composited on white; 16-bit values are
+    scaled (PIL's own conversion would clip everything above 255 to white)."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        counts["high_bit_depth"] += 1
+        scaled = np.round(np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255)
+        img = Image.fromarray(scaled.astype(np.uint8))
+    if img.mode in ("P", "PA"):
+        counts["palette"] += 1
+    elif img.mode == "CMYK":
+        counts["cmyk"] += 1
+    elif img.mode in ("1", "L", "LA", "La"):
+        counts["grayscale"] += 1
+    elif img.mode not in ("RGB", "RGBA", "RGBa"):
+        counts["other_mode"] += 1
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        counts["alpha_composited"] += 1
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img, res):
+    """Short side to `res` (bicubic), then the centre `res` x `res` square: torchvision's
+    Resize(res) + CenterCrop(res), the paper's transform."""
+    w, h = img.size
+    if w <= h:
+        size = (res, int(res * h / w))
+    else:
+        size = (int(res * w / h), res)
+    img = img.resize(size, Image.BICUBIC)
+    left = int(round((size[0] - res) / 2.0))
+    top = int(round((size[1] - res) / 2.0))
+    return img.crop((left, top, left + res, top + res))
+
+
+def to_unit_range(pixels):
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+Loaded = collections.namedtuple("Loaded", "key images caption counts")
+
+
+def load_sample(record, resolutions):
+    """Record -> Loaded with `images` one uint8 (res, res, 3) array per resolution, or None
+    (then `counts` says why: exactly one skip reason per skipped record)."""
+    counts = collections.Counter()
+    caption = decode_caption(record.caption, counts)
+    if caption is None:  # checked first: no point decoding an image that will be dropped
+        return Loaded(record.key, None, None, counts)
+    if record.load_image is None:
+        counts["missing_image"] += 1
+        return Loaded(record.key, None, caption, counts)
+    conversions = collections.Counter()  # kept only if the sample makes it
+    try:
+        img = record.load_image()
+        img.load()  # truncated or corrupt files fail here, not at open
+        img = to_rgb(img, conversions)
+        if min(img.size) < max(resolutions):
+            conversions["upscaled"] += 1
+        images = [np.asarray(resize_center_crop(img, r)) for r in resolutions]
+    except FileNotFoundError:
+        counts["missing_image"] += 1
+        return Loaded(record.key, None, caption, counts)
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb errors)
+        counts["unreadable_image"] += 1
+        return Loaded(record.key, None, caption, counts)
+    counts.update(conversions)
+    return Loaded(record.key, images, caption, counts)
+
+
+# ----------------------------------------------------------------------------------------
+# encoders
+
+def posterior_generator(seed, key, res):
+    """The generator for one sample's VAE posterior noise: a function of (seed, sample key,
+    resolution) alone, so latents do not depend on batch size, rank count or restarts."""
+    digest = hashlib.sha256(f"{seed}/{res}/{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class Encoders:
+    """The VAE (None in pixel mode) and the text encoder, on one device."""
+
+    def __init__(self, vae, clip, device, dtype):
+        self.device, self.dtype = device, dtype
+        self.vae = None if vae == "none" else load_vae(vae, device=device, dtype=dtype)
+        self.text = load_text_encoder(clip, device=device, dtype=dtype)
+
+    @torch.inference_mode()
+    def images(self, pixels, keys, res, seed):
+        """uint8 (N, res, res, 3) -> float16 (N, C, h, w): scaled VAE posterior samples, each
+        with its own posterior_generator, exactly vae.encode_to_scaled(x[i:i+1], generator)
+        but batched; or the pixels in [-1, 1]."""
+        x = to_unit_range(pixels)                                       # (N, 3, res, res)
+        if self.vae is None:
+            return x.half().numpy()
+        posterior = self.vae.encode(x.to(self.device, self.dtype))
+        shape = (1, *posterior.mean.shape[1:])
+        noise = torch.cat([torch.randn(shape, generator=posterior_generator(seed, k, res))
+                           for k in keys]).to(self.device)              # (N, C, h, w)
+        z = posterior.mean.float() + posterior.std.float() * noise
+        return self.vae.to_scaled(z).half().cpu().numpy()
+
+    @torch.inference_mode()
+    def captions(self, captions, counts):
+        """str list -> float16 (N, 77, D); counts captions cut at 77 tokens."""
+        tokenizer = self.text.tokenizer
+        counts["caption_truncated"] += sum(len(tokenizer.encode(c)) + 2 > 77 for c in captions)
+        with warnings.catch_warnings():  # counted above instead of one warning per caption
+            warnings.simplefilter("ignore")
+            return self.text.encode(captions).half().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# output shards
+
+def shard_name(i):
+    return f"shard-{i:05d}"
+
+
+def column_path(out, name, column):
+    return os.path.join(out, f"{name}.{column}.npy")
+
+
+def _atomic_write(path, write):
+    """write(f) to a private temporary name, then rename: readers and restarted runs see the
+    whole file or none of it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def write_shard(out, shard_id, columns, keys, captions, origin, counts):
+    """Column arrays (n rows each) first, the manifest last: a shard is complete exactly when
+    its manifest exists."""
+    name = shard_name(shard_id)
+    for stale in glob.glob(os.path.join(out, f"{name}.*.tmp-*")):  # left by a killed run
+        os.remove(stale)
+    for column, array in columns.items():
+        assert len(array) == len(keys), (column, array.shape, len(keys))
+        _atomic_write(column_path(out, name, column), lambda f, a=array: np.save(f, a))
+    _write_json(os.path.join(out, name + ".json"),
+                {"samples": len(keys), "origin": origin, "keys": keys, "captions": captions,
+                 "columns": sorted(columns), "counts": dict(sorted(counts.items()))})
+
+
+def read_manifest(out, shard_id):
+    """The manifest of a complete shard, or None."""
+    try:
+        with open(os.path.join(out, shard_name(shard_id) + ".json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+SKIP_REASONS = ("missing_caption", "empty_caption", "missing_image", "unreadable_image",
+                "bad_tar")  # bad_tar: a tar that could not be read to its end
+
+
+def finish_index(out, num_shards, info):
+    """Write index.json and summary.json if every shard is complete; returns whether it did.
+    Every rank calls this when it is done, so the last one to finish writes the index
+    (identical content, atomic rename: two ranks racing do no harm)."""
+    manifests = [read_manifest(out, i) for i in range(num_shards)]
+    if any(m is None for m in manifests):
+        return False
+    columns = {}
+    for i, m in enumerate(manifests):
+        if m["samples"]:
+            for column in m["columns"]:
+                a = np.load(column_path(out, shard_name(i), column), mmap_mode="r")
+                columns[column] = {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
+            break
+    if not columns:
+        raise RuntimeError(f"{out}: every sample was skipped; see the shard manifests' counts")
+    counts = collections.Counter()
+    for m in manifests:
+        counts.update(m["counts"])
+    num_samples = sum(m["samples"] for m in manifests)
+    _write_json(os.path.join(out, "summary.json"),
+                {"samples_written": num_samples, "records_seen": counts.pop("seen", 0),
+                 "skipped": {k: counts[k] for k in SKIP_REASONS if counts[k]},
+                 "converted": {k: v for k, v in sorted(counts.items())
+                               if k not in SKIP_REASONS and v}})
+    _write_json(os.path.join(out, "index.json"),
+                {"format": FORMAT, "version": FORMAT_VERSION, "num_samples": num_samples,
+                 "columns": columns,
+                 "shards": [{"name": shard_name(i), "samples": m["samples"]}
+                            for i, m in enumerate(manifests)], **info})
+    return True
+
+
+# ----------------------------------------------------------------------------------------
+# prepare
+
+@dataclass
+class PrepareConfig:
+    src: str                        # folder, .tar / folder of tars / glob, COCO .json, 'demo'
+    out: str
+    res: list = field(default_factory=lambda: [256])
+    vae: str = "none"               # VAE folder/file for vae.load_vae, or 'none' for pixels
+    clip: str = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"  # or a local file, or 'tiny-random'
+    format: str | None = None       # detected from src when None
+    batch_size: int = 64
+    device: str | None = None       # cuda:LOCAL_RANK when there is a GPU, else cpu
+    dtype: str | None = None        # bfloat16 on GPU, float32 on CPU
+    shard_size: int = 2000          # samples per output shard (tar inputs: one shard per tar)
+    seed: int = 0                   # VAE posterior noise (and the demo set's content)
+    workers: int = 8                # image decoding threads
+    coco_images: str | None = None
+    coco_captions: str = "first"    # or 'all'
+    n: int = 2000                   # size of the demo set
+
+
+def work_shards(cfg):
+    fmt = cfg.format or detect_format(cfg.src)
+    if fmt == "folder":
+        return fmt, folder_shards(cfg.src, cfg.shard_size)
+    if fmt == "tar":
+        return fmt, tar_shards(cfg.src)
+    if fmt == "coco":
+        return fmt, coco_shards(cfg.src, cfg.coco_images, cfg.coco_captions, cfg.shard_size)
+    if fmt == "demo":
+        return fmt, demo_shards(cfg.n, cfg.seed, max(cfg.res), cfg.shard_size)
+    raise ValueError(f"--format {fmt!r}: choose from {SOURCE_FORMATS}")
+
+
+def _bounded_map(pool, fn, items, window):
+    """pool.map that keeps at most `window` results in flight, so decoded images do not pile
+    up in memory while the encoders are slower than the decoders."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _settings(cfg, fmt, shards):
+    """What decides the content of the shards; a restarted run must match it."""
+    return {"format": fmt, "src": cfg.src if fmt == "demo" else os.path.abspath(cfg.src),
+            "resolutions": sorted(cfg.res), "vae": cfg.vae, "clip": cfg.clip, "seed": cfg.seed,
+            "shard_size": cfg.shard_size, "coco_captions": cfg.coco_captions,
+            "n": cfg.n if fmt == "demo" else None, "num_shards": len(shards),
+            "inputs_sha256": hashlib.sha256(
+                "\n".join(s.fingerprint for s in shards).encode()).hexdigest()}
+
+
+def _check_settings(out, settings):
+    path = os.path.join(out, "prepare.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [f"{k}: {old.get(k)!r} then, {v!r} now" for k, v in settings.items()
+                if old.get(k) != v]
+        if diff:
+            raise ValueError(f"{out} holds shards prepared with other settings or from a "
+                             f"changed source ({'; '.join(diff)}): use a new --out, or "
+                             f"delete {out} to start over")
+    else:
+        _write_json(path, settings)
+
+
+def prepare_shard(shard_id, shard, cfg, encoders, pool, progress):
+    resolutions = sorted(cfg.res)
+    counts = collections.Counter()
+    keys, captions = [], []
+    parts = collections.defaultdict(list)
+
+    def encode(batch):
+        if not batch:
+            return
+        batch_keys = [b.key for b in batch]
+        for i, res in enumerate(resolutions):
+            pixels = np.stack([b.images[i] for b in batch])             # (N, res, res, 3)
+            column = f"latents_{res}" if encoders.vae is not None else f"images_{res}"
+            parts[column].append(encoders.images(pixels, batch_keys, res, cfg.seed))
+        parts[CAPTION_COLUMN].append(encoders.captions([b.caption for b in batch], counts))
+        keys.extend(batch_keys)
+        captions.extend(b.caption for b in batch)
+
+    batch = []
+    loaded = _bounded_map(pool, lambda r: load_sample(r, resolutions), shard.records(counts),
+                          window=2 * cfg.batch_size)
+    for sample in loaded:
+        progress.update(1)
+        counts["seen"] += 1
+        counts.update(sample.counts)
+        if sample.images is not None:
+            batch.append(sample)
+        if len(batch) == cfg.batch_size:
+            encode(batch)
+            batch = []
+    encode(batch)
+    # written even when every record was bad: an empty shard is complete, reruns skip it
+    write_shard(cfg.out, shard_id, {c: np.concatenate(p) for c, p in parts.items()}, keys,
+                captions, shard.origin, counts)
+
+
+def prepare(cfg, rank=None, world_size=None):
+    """Prepare this rank's shards (shard i belongs to rank i % world_size), skipping complete
+    ones; the last rank to finish writes the index. Returns the summary dict when this call
+    wrote the index, else None."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    if cfg.coco_captions not in ("first", "all"):
+        raise ValueError(f"--coco-captions {cfg.coco_captions!r}: 'first' or 'all'")
+    fmt, shards = work_shards(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    settings = _settings(cfg, fmt, shards)
+    _check_settings(cfg.out, settings)
+    mine = [i for i in range(rank, len(shards), world_size)]
+    todo = [i for i in mine if read_manifest(cfg.out, i) is None]
+    print(f"rank {rank}/{world_size}: {len(shards)} shards from {fmt} input {cfg.src}; "
+          f"{len(mine)} are this rank's, {len(mine) - len(todo)} already done")
+    if todo:
+        encoders = Encoders(cfg.vae, cfg.clip, device, dtype)
+        sizes = [shards[i].size for i in todo]
+        total = None if None in sizes else sum(sizes)
+        with ThreadPoolExecutor(cfg.workers) as pool, tqdm(
+                total=total, unit="img", desc=f"rank {rank}", disable=rank != 0,
+                smoothing=0.05, dynamic_ncols=True) as progress:
+            for i in todo:
+                prepare_shard(i, shards[i], cfg, encoders, pool, progress)
+    info = {"resolutions": sorted(cfg.res), "pixel_space": cfg.vae == "none",
+            "vae": cfg.vae, "clip": cfg.clip, "seed": cfg.seed,
+            "source": settings["src"], "source_format": fmt}
+    if cfg.vae != "none":
+        vae_cfg = (encoders.vae if todo else load_vae(cfg.vae)).config
+        info.update(scaling_factor=vae_cfg.scaling_factor, shift_factor=vae_cfg.shift_factor)
+    if not finish_index(cfg.out, len(shards), info):
+        print(f"rank {rank}: done; another rank is still working, the last one to finish "
+              f"writes {os.path.join(cfg.out, 'index.json')}")
+        return None
+    with open(os.path.join(cfg.out, "summary.json")) as f:
+        summary = json.load(f)
+    print(f"wrote {os.path.join(cfg.out, 'index.json')}: {json.dumps(summary)}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------
+# reading shards: ours and MosaicML MDS, the same interface
+
+def _tensor(array):
+    """A torch view of a read-only memory map (torch warns about non-writable arrays; these
+    are only ever read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+class NpyShard:
+    """One of our shards: a memory-mapped .npy per column, opened on first use."""
+
+    def __init__(self, root, name, num_samples):
+        self.root, self.name, self.num_samples = root, name, num_samples
+        self._columns = {}
+        self._manifest = None
+
+    def column(self, column):
+        if column not in self._columns:
+            path = column_path(self.root, self.name, column)
+            array = np.load(path, mmap_mode="r")
+            if len(array) != self.num_samples:
+                raise ValueError(f"{path}: {len(array)} rows, index.json says "
+                                 f"{self.num_samples}; the shard was changed after indexing")
+            self._columns[column] = _tensor(array)
+        return self._columns[column]
+
+    def gather(self, column, local_ids, out):
+        """Rows local_ids of `column` into out (float32), converting on the way. A row loop
+        of copy_ does gather and fp16->fp32 in one pass; index_select then a cast is two."""
+        rows = self.column(column)
+        for row, i in enumerate(local_ids.tolist()):
+            out[row].copy_(rows[i])
+
+    def caption(self, i):
+        if self._manifest is None:
+            with open(os.path.join(self.root, self.name + ".json")) as f:
+                self._manifest = json.load(f)
+        return self._manifest["captions"][i]
+
+
+MDS_COLUMNS = {CAPTION_COLUMN: "caption_latents"}  # our column name -> the paper's
+
+
+class MDSShard:
+    """One uncompressed MosaicML MDS shard (streaming's format 'mds', index version 2):
+    uint32 sample count n, uint32 offsets[n + 1] (absolute byte positions, end included), the
+    shard's config JSON, then the samples. A sample is a uint32 size for each variable-size
+    column, in column order, then each column's bytes in column order (columns sorted by
+    name). The paper writes caption (str) and caption_latents, latents_256, latents_512
+    (bytes: raw float16). `shapes` (ours -> (C, h, w)) is filled in by LatentDataset."""
+
+    def __init__(self, root, info, shapes):
+        basename = info.get("raw_data", {}).get("basename")
+        if info.get("format") != "mds" or info.get("version") != 2:
+            raise ValueError(f"{root}: shard {basename} is format {info.get('format')!r} "
+                             f"version {info.get('version')}; only MDS version 2 is readable")
+        if info.get("compression"):
+            raise ValueError(f"{root}: shard {info['zip_data']['basename']} is compressed "
+                             f"({info['compression']}), which this reader does not support: "
+                             f"rewrite the shards with MDSWriter(compression=None), or "
+                             f"decompress each to its raw_data basename and set compression "
+                             f"and zip_data to null in index.json")
+        self.path = os.path.join(root, basename)
+        self.num_samples = info["samples"]
+        self.names = info["column_names"]
+        self.encodings = dict(zip(self.names, info["column_encodings"]))
+        self.fixed_sizes = dict(zip(self.names, info["column_sizes"]))
+        self.shapes = shapes
+        self._data = None  # uint8 memory map, opened on first use
+        self._starts, self._sizes = {}, {}
+
+    def _open(self):
+        if self._data is not None:
+            return
+        data = np.memmap(self.path, np.uint8, mode="r")
+        n = int(data[:4].view(np.uint32)[0])
+        if n != self.num_samples:
+            raise ValueError(f"{self.path}: holds {n} samples, index.json says "
+                             f"{self.num_samples}")
+        offsets = data[4:4 * (n + 2)].view(np.uint32).astype(np.int64)  # (n + 1,)
+        variable = [c for c in self.names if not self.fixed_sizes[c]]
+        # every sample's size header at once: (n, len(variable)) uint32
+        header = np.ascontiguousarray(data[offsets[:-1, None] + np.arange(4 * len(variable))])
+        sizes = header.view(np.uint32).astype(np.int64).reshape(n, len(variable))
+        start = offsets[:-1] + 4 * len(variable)
+        for c in self.names:
+            size = (sizes[:, variable.index(c)] if c in variable
+                    else np.full(n, self.fixed_sizes[c], np.int64))
+            self._starts[c], self._sizes[c] = start, size
+            start = start + size
+        if not np.array_equal(start, offsets[1:]):
+            raise ValueError(f"{self.path}: sample sizes do not add up to the offsets; "
+                             f"the file is damaged or not an MDS shard")
+        # float16 views at byte phase 0 and 1: a row after a str column can start at an odd
+        # byte, and torch cannot view an odd offset as float16
+        self._halves = [_tensor(data[p:p + 2 * ((len(data) - p) // 2)].view(np.float16))
+                        for p in (0, 1)]
+        self._data = data
+
+    def row_bytes(self, mds_column):
+        """Bytes per row of a tensor column (all rows must be equal)."""
+        self._open()
+        sizes = self._sizes[mds_column]
+        if (sizes != sizes[0]).any():
+            raise ValueError(f"{self.path}: column {mds_column} has rows of different sizes "
+                             f"({sizes.min()} to {sizes.max()} bytes)")
+        return int(sizes[0])
+
+    def gather(self, column, local_ids, out):
+        mds_column = MDS_COLUMNS.get(column, column)
+        self._open()
+        shape = self.shapes[column]
+        count = int(np.prod(shape))
+        if self.row_bytes(mds_column) != 2 * count:
+            raise ValueError(f"{self.path}: {mds_column} rows are "
+                             f"{self.row_bytes(mds_column)} bytes, not float16 {shape}")
+        for row, s in enumerate(self._starts[mds_column][local_ids].tolist()):
+            half = self._halves[s % 2][s // 2:s // 2 + count]
+            out[row].copy_(half.view(shape))
+
+    def caption(self, i):
+        self._open()
+        s, n = self._starts["caption"][i], self._sizes["caption"][i]
+        return bytes(self._data[s:s + n]).decode("utf-8")
+
+    def infer_shapes(self):
+        """Our columns and shapes from this shard's first row sizes: caption_latents is
+        (77, D), latents_<res> is (C, res/8, res/8) (the paper's f8 VAEs)."""
+        shapes = {}
+        for name in self.names:
+            if name != "caption_latents" and not name.startswith("latents_"):
+                continue
+            encoding = self.encodings[name]
+            if encoding.startswith("ndarray:float16:"):
+                shape = tuple(int(d) for d in encoding.split(":")[2].split(","))
+            elif encoding == "bytes":
+                values = self.row_bytes(name) // 2
+                if name == "caption_latents":
+                    shape = (77, values // 77)
+                else:
+                    side = int(name.removeprefix("latents_")) // 8
+                    shape = (values // (side * side), side, side)
+                if int(np.prod(shape)) != values:
+                    raise ValueError(f"{self.path}: column {name} has {values} float16 "
+                                     f"values per row, which is not a {shape} array")
+            else:
+                raise ValueError(f"{self.path}: column {name} has encoding {encoding!r}; "
+                                 f"tensor columns must be 'bytes' (raw float16, as the "
+                                 f"paper's precompute.py writes) or 'ndarray:float16:<shape>'")
+            shapes[CAPTION_COLUMN if name == "caption_latents" else name] = shape
+        return shapes
+
+
+class LatentDataset:
+    """One prepared directory, ours or MDS: random access by global sample index.
+    `columns` maps column name -> per-row shape."""
+
+    def __init__(self, path):
+        index_path = os.path.join(path, "index.json")
+        if not os.path.exists(index_path):
+            hint = ""
+            if glob.glob(os.path.join(path, "*", "index.json")):
+                hint = (" It has sub-folders with an index.json each (the per-process output "
+                        "of the paper's precompute.py?): merge them with "
+                        "streaming.base.util.merge_index, or list each sub-folder as a source.")
+            elif glob.glob(os.path.join(path, "shard-*.json")):
+                hint = (" It has shard manifests, so preparation is still running or was "
+                        "interrupted: rerun the same `python data.py prepare` to finish it.")
+            raise FileNotFoundError(
+                f"{path}: no index.json, so this is not a prepared dataset. Prepare one with "
+                f"`python data.py prepare --src IMAGES --out {path} ...` (or `python data.py "
+                f"demo --out {path}`), or point at a MosaicML MDS folder.{hint}")
+        with open(index_path) as f:
+            index = json.load(f)
+        self.path = path
+        self.info = {}  # the index's metadata (encoders, resolutions, ...); MDS has none
+        if index.get("format") == FORMAT:
+            self.kind = "npy"
+            self.info = {k: v for k, v in index.items() if k not in ("shards", "columns")}
+            shards = [NpyShard(path, s["name"], s["samples"]) for s in index["shards"]]
+            self.columns = {c: tuple(v["shape"]) for c, v in index["columns"].items()}
+        elif index.get("version") == 2 and index.get("shards"):
+            self.kind = "mds"
+            self.columns = {}
+            shards = [MDSShard(path, s, self.columns) for s in index["shards"]]
+        else:
+            raise ValueError(f"{index_path}: neither a {FORMAT} index nor a MosaicML MDS "
+                             f"(version 2) index")
+        self.shards = [s for s in shards if s.num_samples > 0]
+        if not self.shards:
+            raise ValueError(f"{path}: the index lists no samples")
+        if self.kind == "mds":
+            self.columns.update(self.shards[0].infer_shapes())
+        self.offsets = np.cumsum([0] + [s.num_samples for s in self.shards])
+        self.num_samples = int(self.offsets[-1])
+
+    def image_column(self, resolution):
+        for column in (f"latents_{resolution}", f"images_{resolution}"):
+            if column in self.columns:
+                return column
+        have = sorted(c for c in self.columns if c != CAPTION_COLUMN)
+        raise ValueError(f"{self.path}: no latents at resolution {resolution} (it has "
+                         f"{', '.join(have) or 'no image columns'}); train at one of those "
+                         f"resolutions, or prepare this one with `python data.py prepare "
+                         f"... --res {resolution}`")
+
+    def gather(self, column, ids, out):
+        """Rows `ids` (sorted) of `column` into the float32 tensor out [len(ids), *shape],
+        one shard at a time."""
+        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
+        bounds = np.searchsorted(shard_of, np.arange(len(self.shards) + 1))
+        for s in np.unique(shard_of):
+            a, b = bounds[s], bounds[s + 1]
+            self.shards[s].gather(column, ids[a:b] - self.offsets[s], out[a:b])
+
+    def caption(self, i):
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.shards[s].caption(int(i - self.offsets[s]))
+
+
+def data_info(sources, num_prompts=8):
+    """What training and sampling need to know about prepared data: the first source's index
+    metadata (vae, clip, resolutions, scaling_factor, ...; nothing for MDS, which does not
+    record its encoders) and `sample_prompts`, captions spread evenly over it."""
+    dataset = LatentDataset(parse_sources(sources)[0][0])
+    picks = np.linspace(0, dataset.num_samples - 1, min(num_prompts, dataset.num_samples))
+    return {**dataset.info, "sample_prompts": [dataset.caption(int(i)) for i in picks]}
+
+
+def ensure_demo_data(out, master=True, res=32, n=PrepareConfig.n, seed=0):
+    """The built-in shapes set in pixel space with tiny-random caption features, prepared in
+    `out` unless it is there already; returns out. Only the master prepares: other ranks
+    must wait (e.g. at a barrier) before reading it."""
+    if master and not os.path.exists(os.path.join(out, "index.json")):
+        prepare(PrepareConfig(src="demo", out=out, res=[res], vae="none", clip="tiny-random",
+                              format="demo", n=n, seed=seed), rank=0, world_size=1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# the training loader
+
+def parse_sources(sources):
+    """'dirA:0.6,dirB:0.4' (weights optional, default 1) or [(path, weight)] or [path]."""
+    if isinstance(sources, str):
+        parsed = []
+        for part in filter(None, (p.strip() for p in sources.split(","))):
+            path, _, weight = part.rpartition(":")
+            try:
+                parsed.append((path, float(weight)) if path else (part, 1.0))
+            except ValueError:  # the colon belongs to the path
+                parsed.append((part, 1.0))
+        sources = parsed
+    sources = [(s, 1.0) if isinstance(s, str) else (s[0], float(s[1])) for s in sources]
+    if not sources or any(w <= 0 for _, w in sources):
+        raise ValueError(f"sources {sources!r}: need at least one path, and weights > 0")
+    return sources
+
+
+class _BufferPool:
+    """Reuses batch memory once nothing refers to a batch any more: a fresh 650 MB
+    allocation (2048 x 77 x 1024 float32) costs more in page faults than filling it."""
+
+    def __init__(self, keep):
+        self.keep = keep
+        self.free = collections.defaultdict(list)
+        self.lock = threading.Lock()
+
+    def tensor(self, shape, pin_memory):
+        if pin_memory:  # torch's pinned allocator caches blocks itself, and knows about streams
+            return torch.empty(shape, pin_memory=True)
+        with self.lock:
+            base = self.free[shape].pop() if self.free[shape] else None
+        if base is None:
+            base = np.empty(shape, np.float32)
+        view = base[...]  # the tensor keeps this view alive; when it dies, base comes back
+        weakref.finalize(view, self._release, shape, base)
+        return torch.from_numpy(view)
+
+    def _release(self, shape, base):
+        with self.lock:
+            if len(self.free[shape]) < self.keep:
+                self.free[shape].append(base)
+
+
+class _Plan:
+    """Which samples each batch holds: a pure function of (state, seed, rank), so a restored
+    state gives the same batches. State: batches served, and per source the epoch and the
+    position in this rank's part of that epoch's permutation. The per-batch source counts do
+    not depend on the rank, so every rank's state is the same and rank 0's can be saved."""
+
+    def __init__(self, sizes, weights, batch_size, rank, world_size, seed, caption_drop_prob):
+        self.sizes, self.batch_size = sizes, batch_size
+        self.weights = np.asarray(weights, np.float64) / np.sum(weights)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.caption_drop_prob = caption_drop_prob
+        self._orders = {}
+
+    def order(self, k, epoch):
+        """This rank's samples of source k in that epoch: its block of a permutation that
+        every rank computes alike. Blocks are disjoint; the n % world_size samples left over
+        are different ones every epoch."""
+        if (k, epoch) not in self._orders:
+            per_rank = self.sizes[k] // self.world_size
+            perm = np.random.default_rng([self.seed, k, epoch]).permutation(self.sizes[k])
+            self._orders = {key: v for key, v in self._orders.items() if key[0] != k}
+            self._orders[k, epoch] = perm[self.rank * per_rank:(self.rank + 1) * per_rank].copy()
+        return self._orders[k, epoch]
+
+    def next(self, state):
+        """state -> (sorted ids per source, caption drop mask [B], next state)."""
+        step = state["step"]
+        counts = np.random.default_rng([self.seed, 1, step]).multinomial(self.batch_size,
+                                                                         self.weights)
+        epochs, positions = list(state["epochs"]), list(state["positions"])
+        ids = []
+        for k, count in enumerate(counts):
+            parts = [np.zeros(0, np.int64)]
+            while count > 0:
+                order = self.order(k, epochs[k])
+                part = order[positions[k]:positions[k] + count]
+                parts.append(part)
+                count -= len(part)
+                positions[k] += len(part)
+                if positions[k] == len(order):
+                    epochs[k], positions[k] = epochs[k] + 1, 0
+            ids.append(np.sort(np.concatenate(parts)))
+        drop = (np.random.default_rng([self.seed, 2, self.rank, step]).random(self.batch_size)
+                < self.caption_drop_prob)
+        return ids, drop, {"step": step + 1, "epochs": epochs, "positions": positions}
+
+
+def _read_batch(datasets, columns, latent_shape, caption_shape, pool, pin_memory, ids, drop):
+    """Sorted ids per source -> the batch dict, captions zeroed where drop is set."""
+    n = len(drop)
+    latents = pool.tensor((n, *latent_shape), pin_memory)               # (B, C, h, w)
+    captions = pool.tensor((n, *caption_shape), pin_memory)             # (B, 77, D)
+    at = 0
+    for dataset, column, source_ids in zip(datasets, columns, ids):
+        dataset.gather(column, source_ids, latents[at:at + len(source_ids)])
+        dataset.gather(CAPTION_COLUMN, source_ids, captions[at:at + len(source_ids)])
+        at += len(source_ids)
+    # index_fill_ with row numbers: a boolean-mask assignment is 10x slower at this size
+    captions.index_fill_(0, torch.from_numpy(np.flatnonzero(drop)), 0.0)
+    return {"latents": latents, "captions": captions}
+
+
+_PREFETCH_THREADS = weakref.WeakKeyDictionary()  # live prefetch thread -> its stop event
+
+
+@atexit.register
+def _stop_prefetch_threads():
+    """A daemon thread still inside a torch op when the interpreter tears down aborts the
+    process: stop them first."""
+    for thread, stop in list(_PREFETCH_THREADS.items()):
+        stop.set()
+        thread.join()
+
+
+def _prefetch(plan, read, state, out_queue, stop):
+    """Background thread: makes batches ahead. Holds no reference to the loader, so a dropped
+    loader is collected, and its __del__ stops this thread."""
+    def put(item):  # gives up when stopped, so close() never waits on a full queue
+        while not stop.is_set():
+            try:
+                return out_queue.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    try:
+        while not stop.is_set():
+            ids, drop, state = plan.next(state)
+            put((read(ids, drop), state))
+    except BaseException as e:  # handed to the consumer, which re-raises it
+        put((e, None))
+
+
+class LatentLoader:
+    """Endless batches of (latents, caption features) from one or more prepared datasets
+    (ours or MDS), memory-mapped.
+
+    sources: "dirA:0.6,dirB:0.4" or [(path, weight)]; each batch draws its per-source counts
+    from a multinomial with these weights. resolution picks the latents_<res> column (or
+    images_<res> in pixel space). Every epoch of every source is a fresh permutation from
+    (seed, source, epoch); each DDP rank reads a disjoint block of it. Captions are zeroed
+    with probability caption_drop_prob, decided by (seed, rank, batch number), so a restored
+    state repeats them exactly.
+
+    batch = next(loader): {"latents": float32 (B, C, h, w), "captions": float32 (B, 77, D)}.
+    Batches are made `prefetch` ahead in a background thread (0: in the caller's thread);
+    pin_memory=True returns pinned tensors for non_blocking copies to the GPU. Within a batch
+    samples are grouped by source and sorted by position on disk, which helps reads: which
+    samples are in a batch is random, their order within it is not.
+    """
+
+    def __init__(self, sources, resolution, batch_size, rank=0, world_size=1, seed=0,
+                 caption_drop_prob=0.1, prefetch=2, pin_memory=False):
+        specs = parse_sources(sources)
+        self.sources = [path for path, _ in specs]
+        self.datasets = [LatentDataset(path) for path in self.sources]
+        self.columns = [d.image_column(resolution) for d in self.datasets]
+        for d in self.datasets:
+            if CAPTION_COLUMN not in d.columns:
+                raise ValueError(f"{d.path}: no caption features column ({CAPTION_COLUMN} "
+                                 f"or MDS caption_latents)")
+        shapes = {(d.columns[c], d.columns[CAPTION_COLUMN])
+                  for d, c in zip(self.datasets, self.columns)}
+        if len(shapes) > 1:
+            listing = "; ".join(f"{d.path}: {c} {d.columns[c]}, captions "
+                                f"{d.columns[CAPTION_COLUMN]}"
+                                for d, c in zip(self.datasets, self.columns))
+            raise ValueError(f"sources do not agree on latent or caption shapes ({listing}). "
+                             f"Mixed sources must come from the same VAE (channels), "
+                             f"resolution and text encoder (width): re-prepare the odd one "
+                             f"out with the others' --vae and --clip")
+        (self.latent_shape, self.caption_shape), = shapes
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        for d in self.datasets:
+            if d.num_samples < world_size:
+                raise ValueError(f"{d.path}: {d.num_samples} samples cannot be split over "
+                                 f"{world_size} ranks")
+        self.resolution, self.batch_size = resolution, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_samples = [d.num_samples for d in self.datasets]
+        self.weights = [w for _, w in specs]
+        self._plan = _Plan(self.num_samples, self.weights, batch_size, rank, world_size, seed,
+                           caption_drop_prob)
+        # batches alive at once: `prefetch` queued, one being made, and up to two held by
+        # the caller (the previous one is still referenced while next() runs)
+        self._read = functools.partial(_read_batch, self.datasets, self.columns,
+                                       self.latent_shape, self.caption_shape,
+                                       _BufferPool(keep=prefetch + 3), pin_memory)
+        self.prefetch = prefetch
+        self._state = {"step": 0, "epochs": [0] * len(specs), "positions": [0] * len(specs)}
+        self._thread = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.prefetch == 0:
+            ids, drop, state = self._plan.next(self._state)
+            batch = self._read(ids, drop)
+        else:
+            if self._thread is None:
+                self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+                self._thread = threading.Thread(
+                    target=_prefetch, daemon=True, name="LatentLoader-prefetch",
+                    args=(self._plan, self._read, self._state, self._queue, self._stop))
+                _PREFETCH_THREADS[self._thread] = self._stop
+                self._thread.start()
+            batch, state = self._queue.get()
+            if isinstance(batch, BaseException):
+                self._thread = None
+                raise batch
+        self._state = state
+        return batch
+
+    def close(self):
+        """Stop the prefetch thread and drop the batches it made ahead."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __del__(self):
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+
+    def state_dict(self):
+        """Plain types: the position after the last batch returned (prefetched batches do not
+        count). Identical on every rank."""
+        return {"version": 1, "step": self._state["step"],
+                "epochs": list(self._state["epochs"]),
+                "positions": list(self._state["positions"]), "seed": self.seed,
+                "world_size": self.world_size, "sources": list(self.sources),
+                "num_samples": list(self.num_samples)}
+
+    def load_state_dict(self, state):
+        """After this, next() gives exactly the batches the saved loader would have given
+        (same sources, seed and world size; with another world size, approximately)."""
+        if state.get("version") != 1 or len(state["positions"]) != len(self.sources):
+            raise ValueError(f"loader state for sources {state.get('sources')} does not fit "
+                             f"this loader's sources {self.sources}")
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"the sources changed size since the state was saved "
+                             f"({state['num_samples']} samples then, {self.num_samples} now), "
+                             f"so the saved position means nothing in them")
+        if state["seed"] != self.seed:
+            warnings.warn(f"loader state was saved with seed {state['seed']}, this loader has "
+                          f"seed {self.seed}: the order will differ from the saved run")
+        positions = [int(p) for p in state["positions"]]
+        if state["world_size"] != self.world_size:
+            warnings.warn(f"loader state was saved with world_size {state['world_size']}, "
+                          f"resuming with {self.world_size}: positions are rescaled to the "
+                          f"same fraction of the epoch, so the resume is approximate")
+            positions = [min(p * state["world_size"] // self.world_size,
+                             n // self.world_size - 1)
+                         for p, n in zip(positions, self.num_samples)]
+        self.close()
+        self._state = {"step": int(state["step"]), "epochs": [int(e) for e in state["epochs"]],
+                       "positions": positions}
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+
+def bench(data, res, batch_size, batches, fake_samples, caption_dim, prefetch, cache):
+    """Loader throughput; with fake_samples, first writes that many random samples to data.
+    cache 'warm': read the shards once first; 'cold': evict them from the page cache
+    (posix_fadvise) and time only the rest of the first epoch, so every timed read comes
+    from the disk; 'as-is': neither."""
+    if fake_samples and not os.path.exists(os.path.join(data, "index.json")):
+        os.makedirs(data, exist_ok=True)
+        rng = np.random.default_rng(0)
+        starts = range(0, fake_samples, 4096)
+        for i, start in enumerate(starts):
+            n = min(4096, fake_samples - start)
+            columns = {f"latents_{res}": rng.standard_normal((n, 4, res // 8, res // 8),
+                                                             np.float32).astype(np.float16),
+                       CAPTION_COLUMN: rng.standard_normal((n, 77, caption_dim),
+                                                           np.float32).astype(np.float16)}
+            keys = [f"fake-{start + j}" for j in range(n)]
+            write_shard(data, i, columns, keys, keys, "random", collections.Counter(seen=n))
+        finish_index(data, len(starts), {"resolutions": [res], "pixel_space": False,
+                                         "vae": None, "clip": None, "source_format": "fake"})
+    for path in glob.glob(os.path.join(data, "*.npy")) if cache != "as-is" else []:
+        with open(path, "rb") as f:
+            if cache == "cold":
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            else:  # warm: read it once, so the timed reads find it in the page cache
+                while f.read(1 << 24):
+                    pass
+    loader = LatentLoader(data, res, batch_size, prefetch=prefetch)
+    print(f"{data}: {sum(loader.num_samples):,} samples, latents {loader.latent_shape}, "
+          f"captions {loader.caption_shape}, batch {batch_size}, prefetch {prefetch}, "
+          f"{torch.get_num_threads()} torch threads")
+
+    def rate(n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(loader)
+        dt = time.perf_counter() - t0
+        return f"{n * batch_size / dt:,.0f} samples/s ({dt / n * 1e3:.1f} ms/batch)"
+
+    warmup = prefetch + 3  # every batch buffer the pool will hold gets allocated once here
+    print(f"first {warmup} batches (start-up: buffer allocation, first mappings): "
+          f"{rate(warmup)}")
+    if cache == "cold":  # the rest of the first epoch: a second one would hit the page cache
+        batches = min(batches, sum(loader.num_samples) // batch_size - warmup)
+    print(f"next {batches} batches, page cache {cache}: {rate(batches)}")
+    loader.close()
+
+
+def main(argv=None):
+    defaults = PrepareConfig(src="", out="")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def encoder_flags(p, vae, clip, res):
+        p.add_argument("--out", required=True, help="output folder for shards and index.json")
+        p.add_argument("--res", type=int, nargs="+", default=res,
+                       help="image resolutions to encode (a latents_<res> column each)")
+        p.add_argument("--vae", default=vae, help="VAE folder or file (see vae.py), or 'none' "
+                       "for pixel space")
+        p.add_argument("--clip", default=clip, help="OpenCLIP hub id, local weights, or "
+                       "'tiny-random' (offline tests and demos)")
+        p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+        p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available")
+        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                       help="encoder precision; default bfloat16 on GPU, float32 on CPU")
+        p.add_argument("--shard-size", type=int, default=defaults.shard_size)
+        p.add_argument("--seed", type=int, default=defaults.seed)
+        p.add_argument("--workers", type=int, default=defaults.workers,
+                       help="image decoding threads")
+
+    p = commands.add_parser("prepare", help="images + captions -> latent shards")
+    p.add_argument("--src", required=True, help="folder of images with .txt captions; .tar "
+                   "file, folder of .tar or glob; COCO captions .json; or 'demo'")
+    p.add_argument("--format", choices=SOURCE_FORMATS, default=None,
+                   help="detected from --src when omitted")
+    p.add_argument("--coco-images", default=None, help="COCO image folder (default: found "
+                   "next to the json)")
+    p.add_argument("--coco-captions", choices=["first", "all"], default="first")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=defaults.n,
+                   help="size of the demo set (spell it --num-samples under torchrun)")
+    encoder_flags(p, vae=None, clip=defaults.clip, res=defaults.res)
+
+    d = commands.add_parser("demo", help="render the built-in shapes set and prepare it")
+    d.add_argument("--n", "--num-samples", dest="n", type=int, default=defaults.n,
+                   help="how many images (spell it --num-samples under torchrun)")
+    encoder_flags(d, vae="none", clip="tiny-random", res=[32])
+
+    i = commands.add_parser("info", help="describe a prepared (or MDS) dataset")
+    i.add_argument("path")
+
+    b = commands.add_parser("bench", help="time the loader")
+    b.add_argument("--data", required=True)
+    b.add_argument("--res", type=int, default=256)
+    b.add_argument("--batch-size", type=int, default=2048)
+    b.add_argument("--batches", type=int, default=20)
+    b.add_argument("--prefetch", type=int, default=2)
+    b.add_argument("--fake-samples", type=int, default=0,
+                   help="first write this many random samples to --data (if it has no index)")
+    b.add_argument("--caption-dim", type=int, default=1024)
+    b.add_argument("--cache", choices=["warm", "cold", "as-is"], default="warm",
+                   help="warm: read the data once first; cold: evict it from the page cache "
+                   "and time the rest of the first epoch only, so reads come from the disk")
+
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        dataset = LatentDataset(args.path)
+        print(f"{args.path}: {dataset.kind} format, {dataset.num_samples:,} samples in "
+              f"{len(dataset.shards)} shards")
+        for column, shape in dataset.columns.items():
+            print(f"  {column}: float16 {list(shape)}")
+        print(f"  first caption: {dataset.caption(0)!r}")
+        return
+    if args.command == "bench":
+        bench(args.data, args.res, args.batch_size, args.batches, args.fake_samples,
+              args.caption_dim, args.prefetch, args.cache)
+        return
+    if args.command == "prepare" and args.vae is None:
+        parser.error("prepare needs --vae (a VAE folder or file, e.g. the SDXL VAE's), or "
+                     "--vae none for pixel space")
+    kw = {k: v for k, v in vars(args).items() if k in PrepareConfig.__dataclass_fields__}
+    if args.command == "demo":
+        kw.update(src="demo", format="demo")
+    cfg = PrepareConfig(**kw)
+    print(json.dumps(asdict(cfg)))
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()
