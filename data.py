@@ -960,9 +960,15 @@ class _BufferPool:
 
 class _Plan:
     """Which samples each batch holds: a pure function of (state, seed, rank), so a restored
-    state gives the same batches. State: batches served, and per source the epoch and the
-    position in this rank's part of that epoch's permutation. The per-batch source counts do
-    not depend on the rank, so every rank's state is the same and rank 0's can be saved."""
+    state gives the same batches.
+
+    Every source is an endless stream of samples, one fresh permutation per epoch from
+    (seed, source, epoch). Batches are cut from these streams in one global sequence; global
+    batch g's per-source counts come from a multinomial seeded by g. Rank r of W reads
+    global batches r, r + W, r + 2W, ...: so W processes together read exactly what one
+    process reads in W successive micro-batches, and a global batch of B x W samples is the
+    same whatever W is. State: the next global batch index of rank 0 and, per source, the
+    stream position before it; identical on every rank."""
 
     def __init__(self, sizes, weights, batch_size, rank, world_size, seed, caption_drop_prob):
         self.sizes, self.batch_size = sizes, batch_size
@@ -972,37 +978,39 @@ class _Plan:
         self._orders = {}
 
     def order(self, k, epoch):
-        """This rank's samples of source k in that epoch: its block of a permutation that
-        every rank computes alike. Blocks are disjoint; the n % world_size samples left over
-        are different ones every epoch."""
+        """Source k's permutation for that epoch (the last two are cached)."""
         if (k, epoch) not in self._orders:
-            per_rank = self.sizes[k] // self.world_size
             perm = np.random.default_rng([self.seed, k, epoch]).permutation(self.sizes[k])
-            self._orders = {key: v for key, v in self._orders.items() if key[0] != k}
-            self._orders[k, epoch] = perm[self.rank * per_rank:(self.rank + 1) * per_rank].copy()
+            self._orders = {key: v for key, v in self._orders.items()
+                            if key[0] != k or key[1] == epoch - 1}
+            self._orders[k, epoch] = perm
         return self._orders[k, epoch]
+
+    def counts(self, g):
+        return np.random.default_rng([self.seed, 1, g]).multinomial(self.batch_size, self.weights)
+
+    def take(self, k, start, count):
+        """Samples [start, start + count) of source k's stream."""
+        parts = [np.zeros(0, np.int64)]
+        while count > 0:
+            epoch, offset = divmod(start, self.sizes[k])
+            part = self.order(k, epoch)[offset:offset + count]
+            parts.append(part)
+            start, count = start + len(part), count - len(part)
+        return np.concatenate(parts)
 
     def next(self, state):
         """state -> (sorted ids per source, caption drop mask [B], next state)."""
-        step = state["step"]
-        counts = np.random.default_rng([self.seed, 1, step]).multinomial(self.batch_size,
-                                                                         self.weights)
-        epochs, positions = list(state["epochs"]), list(state["positions"])
-        ids = []
-        for k, count in enumerate(counts):
-            parts = [np.zeros(0, np.int64)]
-            while count > 0:
-                order = self.order(k, epochs[k])
-                part = order[positions[k]:positions[k] + count]
-                parts.append(part)
-                count -= len(part)
-                positions[k] += len(part)
-                if positions[k] == len(order):
-                    epochs[k], positions[k] = epochs[k] + 1, 0
-            ids.append(np.sort(np.concatenate(parts)))
-        drop = (np.random.default_rng([self.seed, 2, self.rank, step]).random(self.batch_size)
+        g0, consumed = state["batch"], list(state["consumed"])
+        counts = [self.counts(g0 + j) for j in range(self.world_size)]
+        start = np.sum([np.zeros(len(self.sizes), np.int64)] + counts[:self.rank], axis=0)
+        ids = [np.sort(self.take(k, consumed[k] + int(start[k]), int(c)))
+               for k, c in enumerate(counts[self.rank])]
+        total = np.sum(counts, axis=0)
+        drop = (np.random.default_rng([self.seed, 2, g0 + self.rank]).random(self.batch_size)
                 < self.caption_drop_prob)
-        return ids, drop, {"step": step + 1, "epochs": epochs, "positions": positions}
+        return ids, drop, {"batch": g0 + self.world_size,
+                           "consumed": [c + int(t) for c, t in zip(consumed, total)]}
 
 
 def _read_batch(datasets, columns, latent_shape, caption_shape, pool, pin_memory, ids, drop):
@@ -1057,9 +1065,9 @@ class LatentLoader:
     sources: "dirA:0.6,dirB:0.4" or [(path, weight)]; each batch draws its per-source counts
     from a multinomial with these weights. resolution picks the latents_<res> column (or
     images_<res> in pixel space). Every epoch of every source is a fresh permutation from
-    (seed, source, epoch); each DDP rank reads a disjoint block of it. Captions are zeroed
-    with probability caption_drop_prob, decided by (seed, rank, batch number), so a restored
-    state repeats them exactly.
+    (seed, source, epoch); rank r reads global batches r, r + W, ... of one sequence (see
+    _Plan), so ranks are disjoint. Captions are zeroed with probability caption_drop_prob,
+    decided by (seed, global batch number), so a restored state repeats them exactly.
 
     batch = next(loader): {"latents": float32 (B, C, h, w), "captions": float32 (B, 77, D)}.
     Batches are made `prefetch` ahead in a background thread (0: in the caller's thread);
@@ -1107,7 +1115,7 @@ class LatentLoader:
                                        self.latent_shape, self.caption_shape,
                                        _BufferPool(keep=prefetch + 3), pin_memory)
         self.prefetch = prefetch
-        self._state = {"step": 0, "epochs": [0] * len(specs), "positions": [0] * len(specs)}
+        self._state = {"batch": 0, "consumed": [0] * len(specs)}
         self._thread = None
 
     def __iter__(self):
@@ -1145,17 +1153,17 @@ class LatentLoader:
 
     def state_dict(self):
         """Plain types: the position after the last batch returned (prefetched batches do not
-        count). Identical on every rank."""
-        return {"version": 1, "step": self._state["step"],
-                "epochs": list(self._state["epochs"]),
-                "positions": list(self._state["positions"]), "seed": self.seed,
+        count). Identical on every rank, and valid for any world size."""
+        return {"version": 2, "batch": self._state["batch"],
+                "consumed": list(self._state["consumed"]), "seed": self.seed,
                 "world_size": self.world_size, "sources": list(self.sources),
                 "num_samples": list(self.num_samples)}
 
     def load_state_dict(self, state):
-        """After this, next() gives exactly the batches the saved loader would have given
-        (same sources, seed and world size; with another world size, approximately)."""
-        if state.get("version") != 1 or len(state["positions"]) != len(self.sources):
+        """After this, next() gives exactly the batches the saved loader would have given.
+        The position is global, so resuming on another number of ranks continues the same
+        sample stream."""
+        if state.get("version") != 2 or len(state["consumed"]) != len(self.sources):
             raise ValueError(f"loader state for sources {state.get('sources')} does not fit "
                              f"this loader's sources {self.sources}")
         if state["num_samples"] != self.num_samples:
@@ -1165,17 +1173,9 @@ class LatentLoader:
         if state["seed"] != self.seed:
             warnings.warn(f"loader state was saved with seed {state['seed']}, this loader has "
                           f"seed {self.seed}: the order will differ from the saved run")
-        positions = [int(p) for p in state["positions"]]
-        if state["world_size"] != self.world_size:
-            warnings.warn(f"loader state was saved with world_size {state['world_size']}, "
-                          f"resuming with {self.world_size}: positions are rescaled to the "
-                          f"same fraction of the epoch, so the resume is approximate")
-            positions = [min(p * state["world_size"] // self.world_size,
-                             n // self.world_size - 1)
-                         for p, n in zip(positions, self.num_samples)]
         self.close()
-        self._state = {"step": int(state["step"]), "epochs": [int(e) for e in state["epochs"]],
-                       "positions": positions}
+        self._state = {"batch": int(state["batch"]),
+                       "consumed": [int(c) for c in state["consumed"]]}
 
 
 # ----------------------------------------------------------------------------------------

@@ -1099,6 +1099,23 @@ def test_ddp_ranks_are_disjoint_and_cover_each_epoch(tmp_path):
     assert states[0] == states[1] == states[2]
 
 
+def test_ranks_together_read_what_one_process_reads_in_micro_batches(tmp_path):
+    """W ranks' k-th batches are one process's batches kW .. kW + W - 1, captions dropped
+    alike, even across an epoch boundary and with two mixed sources: what makes a torchrun
+    run equal a one-process run with the same global batch."""
+    a = id_dataset(tmp_path / "a", 50)
+    b = make_dataset(tmp_path / "b", -np.arange(1, 31)[:, None, None, None] * np.ones((1, 4, 2, 2)))
+    sources = f"{a}:0.7,{b}:0.3"
+    single = LatentLoader(sources, 16, 8, prefetch=0, caption_drop_prob=0.3)
+    ranks = [LatentLoader(sources, 16, 8, rank=r, world_size=2, prefetch=0,
+                          caption_drop_prob=0.3) for r in range(2)]
+    for _ in range(8):
+        for r in range(2):
+            expected, got = next(single), next(ranks[r])
+            assert torch.equal(expected["latents"], got["latents"])
+            assert torch.equal(expected["captions"], got["captions"])
+
+
 # ----------------------------------------------------------------------------------------
 # loader
 
