@@ -1,0 +1,493 @@
+"""Train MicroDiT with the paper's four-phase recipe.
+
+    python train.py --demo                                   # CPU, built-in shapes data, ~10 min
+    torchrun --nproc_per_node=8 train.py --phase 1 --preset MicroDiT_XL_2 --data DIR --out runs/xl
+    torchrun --nproc_per_node=8 train.py --phase 2 --out runs/xl   # starts from phase 1's end
+
+One loop, top to bottom: schedule, checkpoint/samples, micro-steps, step, log. The same
+file runs as one process or under torchrun (DDP; NCCL on GPU, gloo on CPU).
+
+Every random draw of a micro-batch (noise levels, noise, kept patches) comes from a
+generator seeded by (seed, step, micro-batch index in the global batch), so a run resumes
+exactly and gives the same weights on any number of processes for the same global batch.
+"""
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from diffusion import edm_loss_per_sample
+from mixer import random_ids_keep
+from model import PRESETS, DiTConfig, MicroDiT, count_params, train_flops_per_image
+
+# SPEC section 5. Steps, warmup and EMA start count from the start of the phase;
+# micro_batch is the per-GPU batch the paper used on 8xH100.
+PHASES = {
+    1: dict(res=256, mask_ratio=0.75, steps=250_000, lr=2.4e-4, warmup=2_500, schedule="cosine",
+            min_lr_ratio=0.33, grad_clip=0.25, p_mean=-0.6, p_std=1.2, ema_decay=0.0,
+            ema_start=0, micro_batch=256, init="scratch"),
+    2: dict(res=256, mask_ratio=0.0, steps=30_000, lr=8e-5, warmup=0, schedule="constant",
+            min_lr_ratio=1.0, grad_clip=0.25, p_mean=-0.6, p_std=1.2, ema_decay=0.0,
+            ema_start=0, micro_batch=64, init="full"),
+    3: dict(res=512, mask_ratio=0.75, steps=50_000, lr=8e-5, warmup=500, schedule="constant",
+            min_lr_ratio=1.0, grad_clip=0.5, p_mean=0.0, p_std=0.6, ema_decay=0.99975,
+            ema_start=25_000, micro_batch=32, init="weights"),
+    4: dict(res=512, mask_ratio=0.0, steps=5_000, lr=8e-5, warmup=0, schedule="constant",
+            min_lr_ratio=1.0, grad_clip=0.5, p_mean=0.0, p_std=0.6, ema_decay=0.9975,
+            ema_start=1_000, micro_batch=16, init="full"),
+}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16
+SIGMA_BUCKETS = [0.1, 0.5, 1.0, 2.0, 5.0]  # edges: loss per noise level shows what is learnt
+SAMPLE_PROMPTS = ["a photo of a cat", "a red sports car on a mountain road",
+                  "a bowl of fruit on a wooden table", "an astronaut riding a horse"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--phase", type=int, default=1, choices=PHASES)
+    p.add_argument("--preset", default="MicroDiT_XL_2", choices=PRESETS)
+    p.add_argument("--data", help="prepared data: DIR or 'DIR_A:0.6,DIR_B:0.4' (weights), or 'demo'")
+    p.add_argument("--out", default="runs/microdit", help="run directory (one folder per phase)")
+    p.add_argument("--demo", action="store_true", help="CPU demo: MicroDiT_CPU_2 on the built-in "
+                                                       "shapes data, about 10 minutes")
+    p.add_argument("--init", help="start from this checkpoint instead of the previous phase's end")
+    p.add_argument("--resume", action="store_true", help="resume this phase (automatic when the "
+                                                         "phase folder has a checkpoint)")
+    p.add_argument("--export", metavar="FILE", help="write the latest checkpoint's weights (EMA "
+                                                    "when present) to FILE.safetensors and exit")
+    # recipe overrides (default: the phase's value)
+    for name, kind in [("res", int), ("base_res", int), ("mask_ratio", float), ("steps", int), ("lr", float),
+                       ("warmup", int), ("min_lr_ratio", float), ("grad_clip", float),
+                       ("p_mean", float), ("p_std", float), ("ema_decay", float),
+                       ("ema_start", int), ("micro_batch", int)]:
+        p.add_argument("--" + name.replace("_", "-"), type=kind)
+    p.add_argument("--schedule", choices=["cosine", "constant"])
+    p.add_argument("--batch-size", type=int, default=2048, help="global batch")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--aux-loss-weight", type=float, default=0.01, help="token-choice MoE only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per phase")
+    p.add_argument("--sample-every", type=int, default=5000)
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many "
+                                                                "non-finite steps in a row")
+    p.add_argument("--vae", help="VAE for sample grids (default: the data's)")
+    p.add_argument("--clip", help="text encoder for sample grids (default: the data's)")
+    p.add_argument("--model", default="{}", help="JSON of DiTConfig overrides, e.g. "
+                                                 "'{\"patch_mixer_depth\": 0}'")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    """The phase recipe with every command-line override applied, as a plain dict."""
+    cfg = dict(PHASES[args.phase], phase=args.phase, base_res=PHASES[1]["res"])
+    if args.demo:  # a recipe a 2-core CPU finishes in minutes; still overridable below
+        cfg.update(res=16, base_res=16, mask_ratio=0.5, steps=1500, lr=1e-3, warmup=100, micro_batch=64,
+                   schedule="cosine", min_lr_ratio=0.1, ema_decay=0.995, ema_start=500)
+        args.preset, args.data = "MicroDiT_CPU_2", args.data or "demo"
+        args.batch_size = args.batch_size if args.batch_size != 2048 else 64
+        args.sample_every = min(args.sample_every, 500)
+        args.ckpt_every = min(args.ckpt_every, 500)
+    for key in cfg:
+        value = getattr(args, key, None)
+        if value is not None and key != "phase":
+            cfg[key] = value
+    for key in ("preset", "data", "out", "batch_size", "weight_decay", "aux_loss_weight", "seed",
+                "compile", "dtype", "ckpt_every", "keep", "sample_every", "max_bad_steps",
+                "vae", "clip", "init", "demo"):
+        cfg[key] = getattr(args, key)
+    cfg["model"] = json.loads(args.model)
+    return cfg
+
+
+def learning_rate(cfg, phase_step):
+    if phase_step < cfg["warmup"]:
+        return cfg["lr"] * (phase_step + 1) / cfg["warmup"]
+    if cfg["schedule"] == "constant":
+        return cfg["lr"]
+    progress = (phase_step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
+    floor = cfg["min_lr_ratio"]
+    return cfg["lr"] * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def batch_arithmetic(global_batch, micro_batch, world_size):
+    """Gradient accumulation steps for a global batch; explains itself when they don't fit."""
+    per_step = micro_batch * world_size
+    assert global_batch % per_step == 0, (
+        f"global batch {global_batch} must be a multiple of micro-batch {micro_batch} x "
+        f"{world_size} processes = {per_step}; change --batch-size or --micro-batch "
+        f"(e.g. --micro-batch {math.gcd(global_batch, micro_batch)})")
+    return global_batch // per_step
+
+
+def micro_generator(seed, step, index, device):
+    """The generator for micro-batch `index` (of the global batch) at `step`."""
+    return torch.Generator(device).manual_seed(((seed * 1_000_003 + step) * 1_000_003 + index)
+                                               % 2 ** 63)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def phase_dir(out, phase):
+    return os.path.join(out, f"phase{phase}")
+
+
+def checkpoints(folder):
+    """Complete checkpoints in a folder, oldest first (temporary files are never listed)."""
+    return sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")))
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, flush to disk, then rename: a crash at any moment leaves
+    either the old file set or the new one, never a truncated checkpoint."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder, state, keep):
+    os.makedirs(folder, exist_ok=True)
+    save_atomic(state, os.path.join(folder, f"ckpt_{state['step']:09d}.pt"))
+    for old in checkpoints(folder)[:-keep]:
+        os.remove(old)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def previous_phase_checkpoint(cfg):
+    """Phase N > 1 starts from the final checkpoint of phase N - 1 in the same run."""
+    prev = cfg["phase"] - 1
+    found = checkpoints(phase_dir(cfg["out"], prev))
+    if not found:
+        sys.exit(f"phase {cfg['phase']} starts from phase {prev}, but {phase_dir(cfg['out'], prev)} "
+                 f"has no checkpoint: run --phase {prev} first, or give --init CKPT")
+    ckpt = load_checkpoint(found[-1])
+    if ckpt["phase_step"] < ckpt["config"]["steps"]:
+        sys.exit(f"phase {prev} stopped at step {ckpt['phase_step']} of {ckpt['config']['steps']}:"
+                 f" resume it (--phase {prev}) before starting phase {cfg['phase']}, or give --init")
+    return ckpt
+
+
+def export_weights(cfg, path):
+    from safetensors.torch import save_file
+    found = checkpoints(phase_dir(cfg["out"], cfg["phase"]))
+    if not found:
+        sys.exit(f"nothing to export: no checkpoint in {phase_dir(cfg['out'], cfg['phase'])}")
+    ckpt = load_checkpoint(found[-1])
+    weights = ckpt["ema"] or ckpt["model"]
+    info = {k: ckpt[k] for k in ("model_config", "vae", "clip", "step")}
+    info["weights"] = "ema" if ckpt["ema"] else "model"
+    save_file({k: v.contiguous() for k, v in weights.items()}, path,
+              metadata={"info": json.dumps(info)})
+    print(f"exported {info['weights']} weights of {found[-1]} to {path}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def setup_distributed():
+    """(rank, world_size, local_rank, device) for python train.py or torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, local, device
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class EMA:
+    """Exponential moving average of the weights, in float32, updated after each step."""
+
+    def __init__(self, net):
+        self.state = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net, decay):
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].lerp_(v.float(), 1 - decay)
+
+
+def bucket_losses(per_sample, sigma):
+    """Sums and counts of the per-sample loss in each noise-level bucket, [2, B+1]."""
+    ids = torch.bucketize(sigma.detach().float(), torch.tensor(SIGMA_BUCKETS, device=sigma.device))
+    sums = torch.zeros(len(SIGMA_BUCKETS) + 1, device=sigma.device)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, ids, per_sample.detach().float())
+    counts.index_add_(0, ids, torch.ones_like(sigma, dtype=torch.float))
+    return torch.stack([sums, counts])
+
+
+def bucket_names():
+    edges = ["0", *map(str, SIGMA_BUCKETS), "inf"]
+    return [f"sigma_{a}-{b}" for a, b in zip(edges[:-1], edges[1:])]
+
+
+@torch.no_grad()
+def save_sample_grid(net_state, model_cfg, cfg, data_info, step, device):
+    """A grid of samples for fixed prompts, for watching training progress."""
+    from sample import build_dit, generate, grid_image, to_pil
+    from text import load_text_encoder
+    vae_name = cfg["vae"] or data_info.get("vae", "none")
+    clip_name = cfg["clip"] or data_info.get("clip", "tiny-random")
+    net = build_dit(net_state, dataclasses.asdict(model_cfg), device=device)
+    prompts = data_info.get("sample_prompts") or SAMPLE_PROMPTS
+    vae = None
+    if vae_name != "none":
+        from vae import load_vae
+        vae = load_vae(vae_name, device)
+    images = generate(net, load_text_encoder(clip_name, device), vae, prompts, seed=0, steps=20,
+                      cfg=3.0, batch_size=16, device=device)
+    path = os.path.join(phase_dir(cfg["out"], cfg["phase"]), f"samples_{step:09d}.png")
+    grid_image([to_pil(im) for im in images], min(8, len(prompts))).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    if args.export:
+        return export_weights(cfg, args.export)
+    from data import LatentLoader, data_info, ensure_demo_data
+
+    rank, world, local_rank, device = setup_distributed()
+    master = rank == 0
+    torch.manual_seed(cfg["seed"] + rank)
+    autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
+                      "float32": None, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+                else nullcontext())
+    use_compile = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
+    accum = batch_arithmetic(cfg["batch_size"], cfg["micro_batch"], world)
+
+    # --- data
+    if cfg["data"] == "demo":
+        cfg["data"] = ensure_demo_data(os.path.join(cfg["out"], "demo_data"), master,
+                                       res=cfg["res"])
+        if world > 1:
+            dist.barrier()
+    info = data_info(cfg["data"])
+    loader = LatentLoader(cfg["data"], cfg["res"], cfg["micro_batch"], rank=rank,
+                          world_size=world, seed=cfg["seed"])
+    C, H, _ = loader.latent_shape
+
+    # --- model, optimizer, and where this phase starts from
+    folder = phase_dir(cfg["out"], cfg["phase"])
+    resume = checkpoints(folder)
+    start = None
+    if resume:
+        start = load_checkpoint(resume[-1])
+    elif cfg["init"]:
+        start = load_checkpoint(cfg["init"])
+    elif PHASES[cfg["phase"]]["init"] != "scratch":
+        start = previous_phase_checkpoint(cfg)
+    # positions are those of the phase-1 grid: 1.0 at 256px, 2.0 at 512px, as released
+    pos_interp = cfg["res"] / cfg["base_res"]
+    if start is not None:
+        model_cfg = DiTConfig.from_dict({**start["model_config"], "input_size": H,
+                                         "pos_interp_scale": pos_interp})
+    else:
+        model_cfg = dataclasses.replace(PRESETS[cfg["preset"]], in_channels=C, input_size=H,
+                                        caption_channels=loader.caption_shape[-1],
+                                        pos_interp_scale=pos_interp, **cfg["model"])
+    raw = MicroDiT(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg["weight_decay"],
+                                  fused=device.type == "cuda")
+    step, phase_start, ema = 0, 0, None
+    if start is not None:
+        # pos_embed is a function of the resolution: the 512px phase rebuilds its own
+        raw.load_state_dict({k: v for k, v in start["model"].items() if k != "pos_embed"},
+                            strict=False)
+        full_state = resume or cfg["init"] or PHASES[cfg["phase"]]["init"] == "full"
+        if full_state:
+            optimizer.load_state_dict(start["optimizer"])
+            step = start["step"]
+        if resume:  # same phase: everything continues
+            phase_start = start["phase_start"]
+            ema = start["ema"] and dict(start["ema"])
+            loader.load_state_dict(start["loader"])
+            restore_rng(start["rng"][rank % len(start["rng"])])
+        else:
+            phase_start = step
+    ema_obj = None
+    if ema is not None:
+        ema_obj = EMA(raw)
+        ema_obj.state = {k: v.to(device) for k, v in ema.items()}
+
+    model = torch.compile(raw) if use_compile else raw
+    if world > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    flops_per_image = train_flops_per_image(model_cfg, H, cfg["mask_ratio"])
+    peak = peak_flops(device)
+    if master:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"run": cfg, "model": dataclasses.asdict(model_cfg), "world_size": world,
+                       "accumulation": accum, "torch": torch.__version__}, f, indent=2)
+        print(json.dumps(cfg, indent=2))
+        print(model_cfg)
+        print(f"{count_params(raw):,} parameters; global batch {cfg['batch_size']} = micro-batch "
+              f"{cfg['micro_batch']} x {world} processes x {accum} accumulation steps; "
+              f"{flops_per_image / 1e9:.1f} GFLOPs per training image; starting at step {step}")
+
+    # --- the loop
+    end = phase_start + cfg["steps"]
+    log_file = open(os.path.join(folder, "log.jsonl"), "a") if master else None
+    from tqdm import tqdm
+    bar = tqdm(total=cfg["steps"], initial=step - phase_start, disable=not master, unit="step",
+               dynamic_ncols=True)
+    bad_in_a_row, skipped = 0, 0
+    T = (H // model_cfg.patch_size) ** 2
+    while step < end:
+        t0 = time.perf_counter()
+        phase_step = step - phase_start
+        lr = learning_rate(cfg, phase_step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        buckets = torch.zeros(2, len(SIGMA_BUCKETS) + 1, device=device)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = next(loader)
+            x = batch["latents"].to(device, non_blocking=True)
+            y = batch["captions"].to(device, non_blocking=True)
+            N = x.shape[0]
+            g = micro_generator(cfg["seed"], step, rank * accum + micro, device)
+            normal = torch.randn(N, generator=g, device=device)
+            noise = torch.randn(x.shape, generator=g, device=device)
+            ids_keep = (random_ids_keep(N, T, cfg["mask_ratio"], device, generator=g)
+                        if cfg["mask_ratio"] > 0 else None)
+            sync = micro == accum - 1 or world == 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                per_sample, sigma = edm_loss_per_sample(
+                    model, x, y, cfg["mask_ratio"], cfg["p_mean"], cfg["p_std"],
+                    normal=normal, noise=noise, ids_keep=ids_keep)
+                loss = per_sample.mean()
+                if model_cfg.moe_routing == "token_choice":
+                    loss = loss + cfg["aux_loss_weight"] * raw.aux_loss()
+            (loss / accum).backward()
+            loss_sum += per_sample.detach().mean()
+            buckets += bucket_losses(per_sample, sigma)
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+        stats = torch.cat([loss_sum.reshape(1) / accum, buckets.flatten()])
+        if world > 1:
+            dist.all_reduce(stats)
+            stats[0] /= world
+        grad_norm = grad_norm.item()  # the same on every rank: gradients were all-reduced
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            bad_in_a_row = 0
+        else:  # skip the update; the last checkpoint is untouched
+            skipped += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= cfg["max_bad_steps"]:
+                bar.close()
+                msg = (f"stopping: {bad_in_a_row} steps in a row with non-finite gradients at "
+                       f"step {step}. The last good checkpoint in {folder} is intact; lower "
+                       f"--lr or --grad-clip and resume from it.")
+                if world > 1:
+                    dist.destroy_process_group()
+                sys.exit(msg)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        phase_step += 1
+
+        if cfg["ema_decay"] > 0 and phase_step >= cfg["ema_start"]:
+            if ema_obj is None:
+                ema_obj = EMA(raw)  # starts from the weights at ema_start
+            else:
+                ema_obj.update(raw, cfg["ema_decay"])
+
+        # --- log (loss and buckets averaged over all ranks)
+        stats = stats.tolist()
+        dt = time.perf_counter() - t0
+        images_per_s = cfg["batch_size"] / dt
+        sums, counts = stats[1:1 + len(SIGMA_BUCKETS) + 1], stats[2 + len(SIGMA_BUCKETS):]
+        record = {"step": step, "loss": stats[0], "grad_norm": grad_norm, "lr": lr,
+                  "ms_per_step": 1000 * dt, "images_per_s": images_per_s,
+                  "mfu": flops_per_image * images_per_s / (peak * world) if peak else None,
+                  "skipped": skipped,
+                  **{name: s / c for name, s, c in zip(bucket_names(), sums, counts) if c}}
+        if master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            mfu = f" mfu {100 * record['mfu']:.1f}%" if peak else ""
+            bar.set_postfix_str(f"loss {stats[0]:.4f} gnorm {grad_norm:.3f} lr {lr:.2e} "
+                                f"{1000 * dt:.0f}ms {images_per_s:.0f}img/s{mfu}", refresh=False)
+            bar.update(1)
+
+        # --- checkpoint and samples
+        if step % cfg["ckpt_every"] == 0 or step == end:
+            rng = [rng_state()]
+            if world > 1:
+                gathered = [None] * world
+                dist.all_gather_object(gathered, rng[0])
+                rng = gathered
+            if master:
+                save_checkpoint(folder, {
+                    "model": raw.state_dict(), "ema": ema_obj.state if ema_obj else None,
+                    "optimizer": optimizer.state_dict(), "step": step,
+                    "phase_step": phase_step, "phase_start": phase_start,
+                    "model_config": dataclasses.asdict(model_cfg), "config": cfg,
+                    "loader": loader.state_dict(), "rng": rng, "vae": info.get("vae"),
+                    "clip": info.get("clip")}, cfg["keep"])
+        if master and (step % cfg["sample_every"] == 0 or step == end):
+            path = save_sample_grid(ema_obj.state if ema_obj else raw.state_dict(), model_cfg,
+                                    cfg, info, step, device)
+            tqdm.write(f"step {step}: samples in {path}")
+    bar.close()
+    if master:
+        log_file.close()
+        print(f"done: phase {cfg['phase']} finished at step {step}; checkpoints in {folder}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
