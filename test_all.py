@@ -1285,3 +1285,191 @@ def test_cli_demo_info_and_errors_from_the_prefetch_thread(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         for _ in range(3):
             next(loader)
+
+
+# ----------------------------------------------------------------------------- train.py
+
+import train  # noqa: E402  (after the data tests, which do not need it)
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """The built-in shapes set in pixel space at 8 and 16 px, tiny-random captions."""
+    out = tmp_path_factory.mktemp("train_data") / "shapes"
+    prepare(PrepareConfig(src="demo", out=str(out), res=[8, 16], vae="none",
+                          clip="tiny-random", format="demo", n=96))
+    return str(out)
+
+
+def train_args(data_dir, out, *extra):
+    """A tiny phase-1 recipe on the CPU preset: seconds per run."""
+    return ["--preset", "MicroDiT_CPU_2", "--data", data_dir, "--out", str(out), "--res", "8",
+            "--base-res", "8", "--batch-size", "8", "--micro-batch", "8", "--steps", "6",
+            "--warmup", "2", "--lr", "1e-3", "--ckpt-every", "3", "--sample-every", "1000",
+            "--no-compile", *map(str, extra)]
+
+
+def logged(out, phase=1):
+    lines = (Path(out) / f"phase{phase}" / "log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def final_checkpoint(out, phase=1):
+    return train.load_checkpoint(train.checkpoints(str(Path(out) / f"phase{phase}"))[-1])
+
+
+def test_batch_arithmetic():
+    assert train.batch_arithmetic(2048, 256, 8) == 1
+    assert train.batch_arithmetic(2048, 32, 8) == 8
+    with pytest.raises(AssertionError, match=r"multiple of micro-batch 48 x 8 processes = 384"):
+        train.batch_arithmetic(2048, 48, 8)
+
+
+def test_learning_rate_schedules():
+    cfg = dict(train.PHASES[1])
+    assert train.learning_rate(cfg, 0) == pytest.approx(2.4e-4 / 2500)
+    assert train.learning_rate(cfg, 2499) == pytest.approx(2.4e-4)
+    assert train.learning_rate(cfg, 250_000) == pytest.approx(0.33 * 2.4e-4)
+    middle = 2500 + (250_000 - 2500) // 2
+    assert train.learning_rate(cfg, middle) == pytest.approx(2.4e-4 * (0.33 + 0.67 / 2), rel=1e-4)
+    cfg3 = dict(train.PHASES[3])
+    assert train.learning_rate(cfg3, 250) == pytest.approx(8e-5 * 251 / 500)
+    assert train.learning_rate(cfg3, 40_000) == 8e-5
+
+
+def test_resume_after_interruption_is_exact(train_data, tmp_path, monkeypatch):
+    train.main(train_args(train_data, tmp_path / "a"))
+    original = train.learning_rate
+
+    def crash_at_step_4(cfg, phase_step):
+        if phase_step == 4:
+            raise KeyboardInterrupt("killed")
+        return original(cfg, phase_step)
+
+    monkeypatch.setattr(train, "learning_rate", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(train_data, tmp_path / "b"))
+    monkeypatch.setattr(train, "learning_rate", original)
+    train.main(train_args(train_data, tmp_path / "b"))        # resumes from step 3
+    a, b = logged(tmp_path / "a"), logged(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 4, 5, 6]     # steps 4.. ran twice; 4 first lost
+    assert [r["loss"] for r in a] == [r["loss"] for r in b[:3] + b[4:]]
+    ca, cb = final_checkpoint(tmp_path / "a"), final_checkpoint(tmp_path / "b")
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+
+
+def test_crash_while_saving_leaves_previous_checkpoint(train_data, tmp_path, monkeypatch):
+    train.main(train_args(train_data, tmp_path, "--steps", "3"))
+    folder = str(tmp_path / "phase1")
+    before = train.checkpoints(folder)
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **kw):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        train.main(train_args(train_data, tmp_path, "--steps", "6"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.checkpoints(folder) == before
+    assert train.load_checkpoint(before[-1])["step"] == 3
+
+
+def test_phase_chaining(train_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["--steps", "2", "--ckpt-every", "2"]
+    train.main(train_args(train_data, out, *common))
+    train.main(train_args(train_data, out, *common, "--phase", "2"))
+    p1, p2 = final_checkpoint(out, 1), final_checkpoint(out, 2)
+    assert p2["step"] == 4 and p2["phase_start"] == 2           # full state: the count goes on
+    assert p2["optimizer"]["state"][0]["step"] == 4             # AdamW moments carried over
+    # phase 3: 16 px from phase 2's weights only; pos_embed rebuilt at interpolation 2.0
+    train.main(train_args(train_data, out, *common, "--phase", "3", "--res", "16",
+                          "--ema-start", "1", "--ema-decay", "0.5"))
+    p3 = final_checkpoint(out, 3)
+    assert p3["step"] == 2 and p3["phase_start"] == 0
+    assert p3["model_config"]["input_size"] == 16 and p3["model_config"]["pos_interp_scale"] == 2.0
+    assert p3["model"]["pos_embed"].shape == (1, 64, 128)
+    assert p3["optimizer"]["state"][0]["step"] == 2             # a fresh optimizer
+    assert p3["ema"] is not None
+    train.main(train_args(train_data, out, *common, "--phase", "4", "--res", "16"))
+    assert final_checkpoint(out, 4)["step"] == 4
+    # and a phase cannot start before the previous one has finished
+    with pytest.raises(SystemExit, match="run --phase 1 first"):
+        train.main(train_args(train_data, tmp_path / "empty", "--phase", "2"))
+
+
+def test_ema_update_and_start():
+    net = torch.nn.Linear(3, 2)
+    ema = train.EMA(net)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net, 0.9)
+    assert torch.allclose(ema.state["weight"], 0.9 * start["weight"] + 0.1 * net.weight)
+    assert torch.equal(ema.state["bias"], start["bias"])
+
+
+def test_ema_runs_in_training(train_data, tmp_path):
+    train.main(train_args(train_data, tmp_path, "--ema-decay", "0.5", "--ema-start", "4"))
+    ckpts = [train.load_checkpoint(p) for p in train.checkpoints(str(tmp_path / "phase1"))]
+    at3, at6 = ckpts
+    assert at3["ema"] is None                                   # before ema_start
+    ema, model = at6["ema"], at6["model"]
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(ema[w], model[w])                    # lags the weights
+
+
+def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatch):
+    train.main(train_args(train_data, tmp_path, "--steps", "3"))
+    folder = str(tmp_path / "phase1")
+    good = train.load_checkpoint(train.checkpoints(folder)[-1])
+    real = train.edm_loss_per_sample
+
+    def nan_loss(*a, **kw):
+        per_sample, sigma = real(*a, **kw)
+        return per_sample * float("nan"), sigma
+
+    monkeypatch.setattr(train, "edm_loss_per_sample", nan_loss)
+    with pytest.raises(SystemExit, match="3 steps in a row with non-finite gradients"):
+        train.main(train_args(train_data, tmp_path, "--steps", "6", "--max-bad-steps", "3"))
+    after = train.load_checkpoint(train.checkpoints(folder)[-1])
+    assert after["step"] == 3
+    assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
+    assert [r["skipped"] for r in logged(tmp_path)[-3:]] == [1, 2, 3]
+
+
+def test_export_loads_in_sample(train_data, tmp_path):
+    import sample
+    train.main(train_args(train_data, tmp_path, "--steps", "3", "--ema-decay", "0.9",
+                          "--ema-start", "1"))
+    path = str(tmp_path / "weights.safetensors")
+    train.main(train_args(train_data, tmp_path, "--export", path))
+    net, info = sample.load_dit(path)
+    ckpt = final_checkpoint(tmp_path)
+    assert info["weights"] == "ema" and info["vae"] == "none" and info["clip"] == "tiny-random"
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
+
+
+def test_torchrun_two_processes_equal_one(train_data, tmp_path):
+    """gloo DDP on 2 CPU processes, micro-batch 4 each, equals one process accumulating
+    2 micro-batches of 4: the same global batch of 8."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = train_args(train_data, "OUT", "--steps", "3", "--micro-batch", "4")
+    one = subprocess.run([sys.executable, "train.py", *[a.replace("OUT", str(tmp_path / "one"))
+                                                         for a in args]],
+                         cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29517", "train.py",
+                          *[a.replace("OUT", str(tmp_path / "two")) for a in args]],
+                         cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = final_checkpoint(tmp_path / "one"), final_checkpoint(tmp_path / "two")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+    assert [r["loss"] for r in logged(tmp_path / "one")] == pytest.approx(
+        [r["loss"] for r in logged(tmp_path / "two")], rel=1e-5)

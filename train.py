@@ -423,17 +423,9 @@ def main(argv=None):
         if math.isfinite(grad_norm):
             optimizer.step()
             bad_in_a_row = 0
-        else:  # skip the update; the last checkpoint is untouched
+        else:  # skip the update; the run stops below after too many in a row
             skipped += 1
             bad_in_a_row += 1
-            if bad_in_a_row >= cfg["max_bad_steps"]:
-                bar.close()
-                msg = (f"stopping: {bad_in_a_row} steps in a row with non-finite gradients at "
-                       f"step {step}. The last good checkpoint in {folder} is intact; lower "
-                       f"--lr or --grad-clip and resume from it.")
-                if world > 1:
-                    dist.destroy_process_group()
-                sys.exit(msg)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         phase_step += 1
@@ -461,6 +453,14 @@ def main(argv=None):
             bar.set_postfix_str(f"loss {stats[0]:.4f} gnorm {grad_norm:.3f} lr {lr:.2e} "
                                 f"{1000 * dt:.0f}ms {images_per_s:.0f}img/s{mfu}", refresh=False)
             bar.update(1)
+
+        if bad_in_a_row >= cfg["max_bad_steps"]:
+            bar.close()
+            if world > 1:
+                dist.destroy_process_group()
+            sys.exit(f"stopping: {bad_in_a_row} steps in a row with non-finite gradients at "
+                     f"step {step}. The last good checkpoint in {folder} is intact; lower "
+                     f"--lr or --grad-clip and resume from it.")
 
         # --- checkpoint and samples
         if step % cfg["ckpt_every"] == 0 or step == end:
