@@ -1473,3 +1473,34 @@ def test_torchrun_two_processes_equal_one(train_data, tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
     assert [r["loss"] for r in logged(tmp_path / "one")] == pytest.approx(
         [r["loss"] for r in logged(tmp_path / "two")], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- eval.py
+
+def test_frechet_distance_closed_forms():
+    from eval import frechet_distance
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    cov = a @ a.t() + 0.1 * torch.eye(6, dtype=torch.float64)
+    mu = torch.randn(6, generator=g, dtype=torch.float64)
+    assert abs(frechet_distance(mu, cov, mu, cov)) < 1e-8
+    # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    d1, d2 = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    expected = (mu ** 2).sum() + ((d1.sqrt() - d2.sqrt()) ** 2).sum()
+    assert frechet_distance(mu, torch.diag(d1), torch.zeros(6), torch.diag(d2)) == pytest.approx(float(expected))
+    # scaling a covariance by c^2 (same eigenvectors): tr(S)(1 - c)^2
+    assert frechet_distance(mu, cov, mu, 4 * cov) == pytest.approx(float(cov.trace()), rel=1e-8)
+
+
+def test_shapes_metric_reads_renderings_back():
+    from eval import prompt_following, read_attributes
+    rng = np.random.default_rng(3)
+    asked = [data.sample_attributes(rng) for _ in range(30)]
+    images = [torch.from_numpy(np.array(data.render_shapes(a, 16))).permute(2, 0, 1) / 255
+              for a in asked]
+    assert all(read_attributes(im, a.background) == a for im, a in zip(images, asked))
+    noisy = [(im + 0.15 * torch.randn(im.shape, generator=torch.Generator().manual_seed(i))).clamp(0, 1)
+             for i, im in enumerate(images)]
+    assert prompt_following(noisy, asked)["all"] > 0.9
+    shuffled = prompt_following(images[1:] + images[:1], asked)
+    assert shuffled["all"] < 0.2 and shuffled["position"] < 0.5
