@@ -443,7 +443,7 @@ def column_path(out, name, column):
     return os.path.join(out, f"{name}.{column}.npy")
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """write(f) to a private temporary name, then rename: readers and restarted runs see the
     whole file or none of it."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -455,7 +455,7 @@ def _atomic_write(path, write):
 
 
 def _write_json(path, obj):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def write_shard(out, shard_id, columns, keys, captions, origin, counts):
@@ -466,7 +466,7 @@ def write_shard(out, shard_id, columns, keys, captions, origin, counts):
         os.remove(stale)
     for column, array in columns.items():
         assert len(array) == len(keys), (column, array.shape, len(keys))
-        _atomic_write(column_path(out, name, column), lambda f, a=array: np.save(f, a))
+        atomic_write(column_path(out, name, column), lambda f, a=array: np.save(f, a))
     _write_json(os.path.join(out, name + ".json"),
                 {"samples": len(keys), "origin": origin, "keys": keys, "captions": captions,
                  "columns": sorted(columns), "counts": dict(sorted(counts.items()))})
@@ -1181,25 +1181,31 @@ class LatentLoader:
 # ----------------------------------------------------------------------------------------
 # command line
 
+def bench_shards(out, res, n, caption_dim, shard_size=4096):
+    """Write n random samples (float16 latents [4, res/8, res/8], captions [77, caption_dim])
+    as a prepared source, for timing the loader."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(0)
+    starts = range(0, n, shard_size)
+    for i, start in enumerate(starts):
+        k = min(shard_size, n - start)
+        columns = {f"latents_{res}": rng.standard_normal((k, 4, res // 8, res // 8),
+                                                         np.float32).astype(np.float16),
+                   CAPTION_COLUMN: rng.standard_normal((k, 77, caption_dim),
+                                                       np.float32).astype(np.float16)}
+        keys = [f"fake-{start + j}" for j in range(k)]
+        write_shard(out, i, columns, keys, keys, "random", collections.Counter(seen=k))
+    finish_index(out, len(starts), {"resolutions": [res], "pixel_space": False, "vae": None,
+                                    "clip": None, "source_format": "fake"})
+
+
 def bench(data, res, batch_size, batches, fake_samples, caption_dim, prefetch, cache):
     """Loader throughput; with fake_samples, first writes that many random samples to data.
     cache 'warm': read the shards once first; 'cold': evict them from the page cache
     (posix_fadvise) and time only the rest of the first epoch, so every timed read comes
     from the disk; 'as-is': neither."""
     if fake_samples and not os.path.exists(os.path.join(data, "index.json")):
-        os.makedirs(data, exist_ok=True)
-        rng = np.random.default_rng(0)
-        starts = range(0, fake_samples, 4096)
-        for i, start in enumerate(starts):
-            n = min(4096, fake_samples - start)
-            columns = {f"latents_{res}": rng.standard_normal((n, 4, res // 8, res // 8),
-                                                             np.float32).astype(np.float16),
-                       CAPTION_COLUMN: rng.standard_normal((n, 77, caption_dim),
-                                                           np.float32).astype(np.float16)}
-            keys = [f"fake-{start + j}" for j in range(n)]
-            write_shard(data, i, columns, keys, keys, "random", collections.Counter(seen=n))
-        finish_index(data, len(starts), {"resolutions": [res], "pixel_space": False,
-                                         "vae": None, "clip": None, "source_format": "fake"})
+        bench_shards(data, res, fake_samples, caption_dim)
     for path in glob.glob(os.path.join(data, "*.npy")) if cache != "as-is" else []:
         with open(path, "rb") as f:
             if cache == "cold":

@@ -1,39 +1,509 @@
-"""Evaluation that needs no download: does a model trained on the built-in shapes data
-draw what its prompts ask for?
+"""Evaluation: FID and CLIP score, the COCO-30K protocol, and metrics for the built-in
+shapes data that need no download.
 
+    # COCO-30K: FID-30K and CLIP score, generation sharded over 8 GPUs; --num-images
+    # 5000 gives FID-5K (--n also works, but not under torchrun, whose parser takes it)
+    torchrun --nproc_per_node 8 eval.py coco --ckpt weights/ckpts/dit.pt \\
+        --vae weights/sdxl/vae --clip weights/clip/open_clip_model.safetensors \\
+        --captions coco/annotations/captions_val2014.json --images coco/val2014 \\
+        --num-images 30000 --steps 30 --cfg 5 --out runs/coco30k \\
+        --ref-stats runs/coco_val2014_n30000_seed0_512px.npz \\
+        --inception weights/pt_inception-2015-12-05-6726825d.pth \\
+        --clip-score-model ViT-L-14-quickgelu:weights/clip-l14/open_clip_pytorch_model.bin
+
+    python eval.py fid --real DIR --fake DIR [--ref-stats real.npz]   # two image folders
     python eval.py shapes --ckpt runs/demo/phase1/ckpt_000001500.pt --n 200
 
-Prompt following is read off each generated image by template matching: every shape,
-colour, size and position is rendered on the caption's background, and the template
+Files. COCO 2014 (cocodataset.org): http://images.cocodataset.org/zips/val2014.zip (the
+40,504 val images) and http://images.cocodataset.org/annotations/annotations_trainval2014.zip
+(holds annotations/captions_val2014.json). The FID Inception weights, INCEPTION_URL below,
+are fetched into torch.hub's cache on first use when online; offline, download the file once
+and pass --inception PATH (or put it in $TORCH_HOME/hub/checkpoints/). The CLIP-score model
+is open_clip's ViT-L-14 'openai' tag (hub repo timm/vit_large_patch14_clip_224.openai);
+offline: `huggingface-cli download timm/vit_large_patch14_clip_224.openai
+open_clip_pytorch_model.bin --local-dir weights/clip-l14` and pass the file as in the command
+above (a weights file does not say its activation: name the -quickgelu architecture).
+
+FID follows pytorch-fid (whose Inception weights torch-fidelity also uses): TensorFlow's
+2015 Inception graph ported to PyTorch, pt_inception-2015-12-05-6726825d.pth, 1008 classes;
+its average pools leave the padding out of the mean (count_include_pad=False) and the last
+block max-pools, as the graph does. Images are read as 8-bit RGB, scaled to [0, 1], resized
+to 299x299 bilinearly (align_corners=False, no antialiasing) and mapped to [-1, 1]; the
+features are the 2,048-d pool3 outputs; mean and covariance (unbiased) in float64. Numbers
+are comparable to pytorch-fid's; torch-fidelity resizes with its own TF1-style bilinear and
+clean-fid with PIL bicubic, so theirs can differ in the decimals.
+
+CLIP score follows torchmetrics' CLIPScore: the mean over images of max(100 cos(image
+embedding, caption embedding), 0), here with open_clip's ViT-L-14 and OpenAI's weights (the
+same weights as torchmetrics' default openai/clip-vit-large-patch14) and open_clip's
+preprocessing (short side to 224 bicubic, centre crop, CLIP mean/std).
+
+COCO-30K: n images of COCO-2014 val drawn with a seeded generator (a permutation of all
+captioned images, so the first 5,000 of n=30,000 are the n=5,000 set) and one caption of each,
+drawn alike. Generation is split into seed-batches of --batch-size consecutive indices; batch
+k has its noise from seed (--seed, k) and rank r of W takes batches r, r + W, ...: an image
+depends on its index, the seed and the batch size, never on the number of ranks. PNGs are
+named by index, so a rerun only draws what is missing. The references are the n chosen
+images, resized (short side, PIL bicubic, antialiased) and centre-cropped to the generation
+resolution: data.py's resize_center_crop, the transform the model was trained with. FID and
+CLIP score are computed by rank 0 on the PNGs.
+
+Shapes. Prompt following is read off each generated image by template matching: every
+shape, colour, size and position is rendered on the caption's background, and the template
 nearest the image (mean squared error) names what the image shows. An attribute counts as
 followed when the nearest template has the caption's value. Chance is 1/5 for shape and
-position, 1/7 for colour (the background colour is excluded) and 1/2 for size.
-
-Also here: the Frechet distance between two Gaussians, the core of FID.
+position, 1/7 for colour (the background colour is excluded) and 1/2 for size. The Frechet
+distance is measured in the 64 features of a small convolutional network with random
+weights fixed by a seed (four stride-2 3x3 convolutions with ReLU, 16-32-64-64 channels, on
+the image resized to 32x32, then a global average; the zero padding lets them see where a
+shape lies): random conv features separate image distributions well enough to rank models
+and need no download. The references are renders of the captions asked for;
+`frechet_real_vs_real` is the distance between two independent rendered sets of the same
+size: the floor that sampling noise alone gives at this n.
 """
 import argparse
+import collections
 import itertools
 import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, PngImagePlugin
+# building blocks of torchvision's Inception3 (torchvision comes with open_clip)
+from torchvision.models.inception import (BasicConv2d, InceptionA, InceptionB, InceptionC,
+                                          InceptionD, InceptionE)
 
-from data import COLORS, POSITIONS, SHAPES, SIZES, ShapeAttributes, caption_of, render_shapes
-from data import sample_attributes
+from data import COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, ShapeAttributes
+from data import atomic_write, caption_of, render_shapes, resize_center_crop, sample_attributes
+from data import to_rgb
+from sample import load_pipeline
 
 ATTRIBUTES = ("shape", "color", "size", "position")
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
+CLIP_SCORE_MODEL = "ViT-L-14:openai"
+TINY_RANDOM = "tiny-random"
+RANDOM = "random"
+INCEPTION_SIZE = 299  # the graph's input side
+FEATURE_BATCH = 50  # images per Inception / CLIP forward; the results do not depend on it
 
+Stats = collections.namedtuple("Stats", "mu sigma count")
+
+
+# ----------------------------------------------------------------------------- Frechet distance
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64. The eigenvalues of
-    S1 S2 are those of the symmetric S1^(1/2) S2 S1^(1/2), so they are real and >= 0 up to
-    rounding, and the trace of the square root is the sum of their square roots."""
+    S1 S2 are those of the symmetric S1^(1/2) S2 S1^(1/2), so two symmetric
+    eigendecompositions give the trace of the square root (a general eigensolver on S1 S2 is
+    many times slower at 2,048 dimensions). Only the numerical range of S1 counts: the
+    square root is zero elsewhere, and a rank-r S1 leaves an r x r problem."""
     mu1, mu2, sigma1, sigma2 = (torch.as_tensor(a, dtype=torch.float64)
                                 for a in (mu1, mu2, sigma1, sigma2))
-    eigenvalues = torch.linalg.eigvals(sigma1 @ sigma2).real.clamp(min=0)
+    w, v = torch.linalg.eigh(sigma1)
+    keep = w > w.max().clamp(min=0) * len(w) * torch.finfo(w.dtype).eps  # numpy's matrix_rank
+    half = v[:, keep] * w[keep].sqrt()                                    # S1^(1/2) V: (D, r)
+    eigenvalues = torch.linalg.eigvalsh(half.T @ sigma2 @ half).clamp(min=0)
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace()
                  - 2 * eigenvalues.sqrt().sum())
 
+
+def gaussian_stats(features):
+    """Mean and covariance (unbiased, as numpy.cov) of [N, D] features, in float64."""
+    features = torch.as_tensor(features, dtype=torch.float64)
+    return Stats(features.mean(dim=0), torch.cov(features.T), len(features))
+
+
+def fid_of(a, b):
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def cached_stats(path, key, compute):
+    """The Stats saved in `path` when it exists (it must have been computed for `key`),
+    otherwise compute() saved there atomically; path None: compute() only."""
+    if path and os.path.exists(path):
+        with np.load(path) as f:
+            if str(f["key"]) != key:
+                raise ValueError(f"{path} holds statistics of {f['key']}, not of {key}: "
+                                 f"delete it or pass another --ref-stats")
+            return Stats(torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["count"]))
+    stats = compute()
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, mu=stats.mu.numpy(), sigma=stats.sigma.numpy(),
+                                               count=stats.count, key=key))
+    return stats
+
+
+# ----------------------------------------------------------------------------- FID Inception
+
+def tf_avg_pool(x):
+    """TensorFlow's 3x3 'SAME' average pool: the mean over the pixels inside the image."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(InceptionA):
+    def _forward(self, x):
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(tf_avg_pool(x))]
+
+
+class FIDInceptionC(InceptionC):
+    def _forward(self, x):
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+            branch7x7dbl = conv(branch7x7dbl)
+        return [self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(tf_avg_pool(x))]
+
+
+class FIDInceptionE(InceptionE):
+    """pool 'avg' (Mixed_7b) or 'max' (Mixed_7c: the TF graph max-pools there, unlike the
+    Inception paper; FID numbers are defined by the graph)."""
+
+    def __init__(self, in_channels, pool):
+        super().__init__(in_channels)
+        self.pool = pool
+
+    def _forward(self, x):
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl),
+                                  self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        pooled = tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)]
+
+
+class FIDInception(nn.Module):
+    """The FID Inception: [N, 3, H, W] in [0, 1] -> pool3 features [N, 2048]. Module names
+    are torchvision's Inception3 (no aux head), so pytorch-fid's weights load as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)  # the graph's classifier: unused by FID, part of the file
+        self.name = "untrained"
+
+    def init_random(self, seed=0):
+        """Random weights fixed by the seed, for tests. He-normal convolutions keep the
+        activations near unit scale through the 94 layers, whose batch norms hold mean 0
+        and variance 1."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    m.reset_parameters()
+            nn.init.zeros_(self.fc.bias)
+        self.name = f"{RANDOM}-{seed}"
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
+                          align_corners=False)
+        x = 2 * x - 1                                                   # (N, 3, 299, 299)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                    # (N, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                   # (N, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                    # (N, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))              # (N, 288, 35, 35)
+        x = self.Mixed_6a(x)                                            # (N, 768, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (N, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))              # (N, 2048, 8, 8)
+        return x.mean(dim=(2, 3))                                       # (N, 2048)
+
+
+def inception_weights_hint():
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
+    return (f"download the FID Inception weights once:\n    {INCEPTION_URL}\n"
+            f"and pass --inception PATH, or put the file at {cache}")
+
+
+def load_inception(weights=None, device="cpu"):
+    """The FID Inception in eval mode: weights None downloads INCEPTION_URL into torch.hub's
+    cache (read from there afterwards), a path loads that file, 'random' is seeded noise."""
+    with torch.device("meta"):  # every tensor is filled below: nothing drawn, nothing twice
+        net = FIDInception()
+    net = net.to_empty(device="cpu")
+    if weights == RANDOM:
+        net.init_random()
+        return net.to(device).eval().requires_grad_(False)
+    if weights is None:
+        try:
+            state = torch.hub.load_state_dict_from_url(INCEPTION_URL, map_location="cpu",
+                                                       weights_only=True)
+        except Exception as e:  # offline and not cached
+            raise FileNotFoundError(f"cannot get {INCEPTION_URL} ({type(e).__name__}): "
+                                    + inception_weights_hint()) from e
+    elif os.path.isfile(weights):
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"--inception {weights}: no such file; " + inception_weights_hint())
+    net.load_state_dict(state)
+    net.name = "pt_inception-2015-12-05"
+    return net.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- images
+
+def list_images(folder):
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def open_rgb(path):
+    with Image.open(path) as img:
+        return to_rgb(img, collections.Counter())
+
+
+def unit_tensor(img):
+    """PIL RGB -> [3, H, W] float in [0, 1], as torchvision's ToTensor."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+
+
+def image_batches(items, load, batch_size=FEATURE_BATCH):
+    """Lists of up to batch_size images load(item), decoded in threads (PIL lets go of the
+    GIL) one batch at a time, so memory stays bounded."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(items), batch_size):
+            yield list(pool.map(load, items[start:start + batch_size]))
+
+
+@torch.no_grad()
+def inception_stats(net, items, load=open_rgb):
+    """Stats of the pool3 features of the images load(item) (any sizes)."""
+    device = next(net.parameters()).device
+    features = []
+    for batch in image_batches(items, load):
+        pixels = [unit_tensor(img).to(device) for img in batch]
+        if len({p.shape for p in pixels}) == 1:
+            features.append(net(torch.stack(pixels)).cpu())
+        else:  # resizing to 299 is per image, so one image at a time gives the same numbers
+            features += [net(p[None]).cpu() for p in pixels]
+    return gaussian_stats(torch.cat(features))
+
+
+def folder_fid(real, fake, inception, ref_stats=None):
+    """FID between two image folders; the real side's stats are cached in ref_stats."""
+    real_paths, fake_paths = list_images(real), list_images(fake)
+    key = json.dumps({"folder": os.path.abspath(real), "images": len(real_paths),
+                      "feature_net": inception.name})
+    ref = cached_stats(ref_stats, key, lambda: inception_stats(inception, real_paths))
+    gen = inception_stats(inception, fake_paths)
+    return {"fid": fid_of(ref, gen), "real": ref.count, "fake": gen.count,
+            "feature_net": inception.name}
+
+
+# ----------------------------------------------------------------------------- CLIP score
+
+ClipScorer = collections.namedtuple("ClipScorer", "model preprocess tokenizer name")
+
+
+def tiny_random_clip():
+    """A small open_clip CLIP, both towers, weights fixed by a seed: FOR TESTS ONLY."""
+    from open_clip import CLIP
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CLIP(embed_dim=32, quick_gelu=True,
+                    vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8,
+                                             image_size=32),
+                    text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64,
+                                         heads=2, layers=2))
+
+
+def load_clip_scorer(spec=CLIP_SCORE_MODEL, device="cpu"):
+    """'ARCH:TAG' (an open_clip pretrained tag, downloaded once), 'ARCH:FILE' or 'tiny-random'."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+    if spec == TINY_RANDOM:
+        model, arch = tiny_random_clip(), "ViT-L-14"  # the same BPE tokenizer as every OpenAI CLIP
+        preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
+    else:
+        arch, _, weights = spec.partition(":")
+        tag = open_clip.get_pretrained_cfg(arch, weights)
+        if arch not in open_clip.list_models() or not (tag or os.path.isfile(weights)):
+            raise FileNotFoundError(f"--clip-score-model {spec!r}: give ARCH:TAG (e.g. "
+                                    f"{CLIP_SCORE_MODEL}), ARCH:FILE or {TINY_RANDOM}")
+        if tag:
+            try:  # here, so that being offline gives instructions; then read from the cache
+                download_pretrained(tag)
+            except Exception as e:  # offline and not cached
+                hub = tag.get("hf_hub", "").rstrip("/")
+                suffix = "-quickgelu" if tag.get("quick_gelu") else ""
+                raise FileNotFoundError(
+                    f"cannot get the CLIP weights {spec} ({type(e).__name__}): download them "
+                    f"once with\n    huggingface-cli download {hub} open_clip_pytorch_model.bin "
+                    f"--local-dir weights/clip-score\nand pass --clip-score-model "
+                    f"{arch}{suffix}:weights/clip-score/open_clip_pytorch_model.bin") from e
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=weights, force_quick_gelu=bool(tag.get("quick_gelu")))
+    model = model.to(device).eval().requires_grad_(False)
+    return ClipScorer(model, preprocess, open_clip.get_tokenizer(arch), spec)
+
+
+@torch.no_grad()
+def clip_cosines(scorer, images, captions):
+    """100 cos(image embedding, caption embedding) for PIL images and their captions: [N]."""
+    device = scorer.model.logit_scale.device
+    pixels = torch.stack([scorer.preprocess(img) for img in images]).to(device)
+    image_embeds = F.normalize(scorer.model.encode_image(pixels).float(), dim=-1)
+    text_embeds = F.normalize(scorer.model.encode_text(scorer.tokenizer(list(captions)).to(device))
+                              .float(), dim=-1)
+    return 100 * (image_embeds * text_embeds).sum(dim=-1)
+
+
+def clip_score(scorer, items, captions, load=open_rgb):
+    """Mean over images of max(100 cos, 0), the images being load(item)."""
+    cosines = [clip_cosines(scorer, batch, captions[start:start + len(batch)]).cpu()
+               for start, batch in zip(range(0, len(items), FEATURE_BATCH),
+                                       image_batches(items, load))]
+    return float(torch.cat(cosines).clamp(min=0).mean())
+
+
+# ----------------------------------------------------------------------------- COCO-30K
+
+
+
+def choose_captions(captions_json, n, seed=0):
+    """n [index, image_id, file_name, caption] of distinct COCO images: a seeded permutation
+    of the captioned images (sorted by id) and one caption of each (sorted by annotation id)
+    drawn with the same generator. The draws cover every image, so a smaller n picks the
+    first images of a larger one."""
+    with open(captions_json) as f:
+        coco = json.load(f)
+    captions = collections.defaultdict(list)
+    for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
+        captions[ann["image_id"]].append(ann["caption"].strip())
+    files = {im["id"]: im["file_name"] for im in coco["images"] if captions[im["id"]]}
+    ids = sorted(files)
+    if n > len(ids):
+        raise ValueError(f"--n {n}: {captions_json} has only {len(ids)} captioned images")
+    rng = np.random.default_rng(seed)
+    order = [ids[j] for j in rng.permutation(len(ids))]
+    picks = rng.integers(0, [len(captions[i]) for i in order])
+    return [{"index": k, "image_id": i, "file_name": files[i], "caption": captions[i][p]}
+            for k, (i, p) in enumerate(zip(order[:n], picks[:n].tolist()))]
+
+
+def batch_seed(seed, k):
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
+def image_path(out, index):
+    return os.path.join(out, "images", f"{index:05d}.png")
+
+
+def coco_device(args):
+    if args.device:
+        return args.device
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+
+
+def coco_generate(args, rank=0, world_size=1):
+    """Rank `rank`'s seed-batches k = rank, rank + world_size, ...: batch k holds indices
+    [k B, (k + 1) B) and draws its noise from batch_seed(seed, k). Batches whose PNGs all
+    exist are skipped; the pipeline is loaded only when something is left to draw."""
+    from tqdm import tqdm
+    from sample import generate, to_pil
+    settings = {k: getattr(args, k) for k in ("ckpt", "vae", "clip", "captions", "seed",
+                                              "steps", "cfg", "batch_size")}
+    settings["captions"] = os.path.basename(settings["captions"])
+    settings_path = os.path.join(args.out, "generation.json")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            earlier = json.load(f)
+        if earlier != settings:
+            raise ValueError(f"{args.out} holds images made with {earlier}, not {settings}: "
+                             f"use another --out")
+    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    if rank == 0:
+        atomic_write(settings_path, lambda f: f.write(json.dumps(settings).encode()))
+
+    chosen, B = choose_captions(args.captions, args.n, args.seed), args.batch_size
+    batches = [range(k * B, min((k + 1) * B, args.n))
+               for k in range(rank, -(-args.n // B), world_size)]
+    todo = [b for b in batches if not all(os.path.exists(image_path(args.out, i)) for i in b)]
+    if not todo:
+        return
+    pipe = load_pipeline(args.ckpt, args.vae, args.clip, coco_device(args))
+    for indices in tqdm(todo, disable=rank != 0, unit="batch", desc="generating"):
+        images = generate(pipe.net, pipe.text_encoder, pipe.vae,
+                          [chosen[i]["caption"] for i in indices],
+                          seed=batch_seed(args.seed, indices.start // B), steps=args.steps,
+                          cfg=args.cfg, batch_size=B, device=pipe.device)
+        for i, image in zip(indices, images):
+            meta = PngImagePlugin.PngInfo()
+            meta.add_text("caption", chosen[i]["caption"])
+            meta.add_text("coco_image_id", str(chosen[i]["image_id"]))
+            pil = to_pil(image)
+            atomic_write(image_path(args.out, i),
+                          lambda f: pil.save(f, format="PNG", pnginfo=meta))
+
+
+def reference_image(path, res):
+    return resize_center_crop(open_rgb(path), res)
+
+
+def coco_evaluate(args):
+    """FID of the generated PNGs against the chosen COCO images (reference stats cached in
+    --ref-stats), and their CLIP score; written to OUT/result.json."""
+    chosen = choose_captions(args.captions, args.n, args.seed)
+    fake = [image_path(args.out, c["index"]) for c in chosen]
+    missing = [p for p in fake if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} generated images are missing, first "
+                                f"{missing[0]}: run the generation again (it resumes)")
+    with Image.open(fake[0]) as img:
+        res = img.size[0]
+    device = coco_device(args)
+    inception = load_inception(args.inception, device)
+    scorer = load_clip_scorer(args.clip_score_model, device)  # both models before any work
+    key = json.dumps({"coco": os.path.basename(args.captions), "n": args.n, "seed": args.seed,
+                      "res": res, "feature_net": inception.name})
+    real = [os.path.join(args.images, c["file_name"]) for c in chosen]
+    ref = cached_stats(args.ref_stats or os.path.join(args.out, "reference_stats.npz"), key,
+                       lambda: inception_stats(inception, real, lambda p: reference_image(p, res)))
+    gen = inception_stats(inception, fake)
+    result = {"fid": fid_of(ref, gen),
+              "clip_score": clip_score(scorer, fake, [c["caption"] for c in chosen]),
+              "n": args.n, "resolution": res, "feature_net": inception.name,
+              "clip_score_model": scorer.name,
+              **{k: getattr(args, k) for k in ("ckpt", "seed", "steps", "cfg", "batch_size")}}
+    atomic_write(os.path.join(args.out, "captions.json"),
+                  lambda f: f.write(json.dumps(chosen, indent=1).encode()))
+    atomic_write(os.path.join(args.out, "result.json"),
+                  lambda f: f.write(json.dumps(result, indent=1).encode()))
+    return result
+
+
+# ----------------------------------------------------------------------------- shapes
 
 def templates(background, res):
     """Every (shape, colour, size, position) on this background: (attributes, [K, 3, res, res])."""
@@ -60,6 +530,39 @@ def prompt_following(images, asked):
     return scores
 
 
+def shapes_feature_net(seed=0):
+    """The fixed random feature network of the shapes Frechet distance: 64 features."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers, width = [], 3
+        for channels in (16, 32, 64, 64):
+            layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), nn.ReLU()]
+            width = channels
+        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        for m in net:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def shapes_frechet(images_a, images_b):
+    """Frechet distance between two sets of [3, H, W] images in [0, 1] in the random
+    features of shapes_feature_net."""
+    net = shapes_feature_net()
+    stats = []
+    for images in (images_a, images_b):
+        x = torch.stack([im.float().cpu() for im in images])
+        x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+        stats.append(gaussian_stats(net(2 * x - 1)))                    # (N, 64)
+    return fid_of(*stats)
+
+
+def render_set(attrs, res):
+    return [unit_tensor(render_shapes(a, res)) for a in attrs]
+
+
 def evaluate_shapes(ckpt, n, seed, steps, cfg, device):
     from sample import generate, load_dit
     from text import load_text_encoder
@@ -69,31 +572,106 @@ def evaluate_shapes(ckpt, n, seed, steps, cfg, device):
                          f"pixel-space model (data.py demo --vae none)")
     rng = np.random.default_rng([seed, 7])  # held out: the data uses default_rng([seed, i])
     asked = [sample_attributes(rng) for _ in range(n)]
-    images = generate(net, load_text_encoder(info.get("clip") or "tiny-random", device), None,
+    images = generate(net, load_text_encoder(info.get("clip") or TINY_RANDOM, device), None,
                       [caption_of(a) for a in asked], seed=seed, steps=steps, cfg=cfg,
                       batch_size=64, device=device)
-    return prompt_following(images, asked), images, asked
+    scores = prompt_following(images, asked)
+    real = render_set(asked, images.shape[-1])
+    other_rng = np.random.default_rng([seed, 8])
+    other = render_set([sample_attributes(other_rng) for _ in range(n)], images.shape[-1])
+    scores["frechet"] = shapes_frechet(images, real)
+    scores["frechet_real_vs_real"] = shapes_frechet(other, real)
+    return scores, images, asked
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    shapes = sub.add_parser("shapes", help="prompt following on the built-in shapes data")
+
+    shapes = sub.add_parser("shapes", help="prompt following and Frechet distance on the "
+                                           "built-in shapes data (no download)")
     shapes.add_argument("--ckpt", required=True)
     shapes.add_argument("--n", type=int, default=200)
     shapes.add_argument("--seed", type=int, default=1234)
     shapes.add_argument("--steps", type=int, default=30)
     shapes.add_argument("--cfg", type=float, default=3.0)
-    shapes.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     shapes.add_argument("--grid", help="also save the first 32 images as a grid PNG here")
-    args = parser.parse_args(argv)
-    scores, images, _ = evaluate_shapes(args.ckpt, args.n, args.seed, args.steps, args.cfg,
-                                        args.device)
-    if args.grid:
-        from sample import grid_image, to_pil
-        grid_image([to_pil(im) for im in images[:32]], 8).save(args.grid)
-    print(json.dumps(scores))
+
+    fid = sub.add_parser("fid", help="FID between two image folders")
+    fid.add_argument("--real", required=True, help="folder of reference images")
+    fid.add_argument("--fake", required=True, help="folder of generated images")
+
+    coco = sub.add_parser("coco", help="the COCO-30K protocol: generate, FID, CLIP score "
+                                       "(under torchrun: generation sharded over ranks)")
+    coco.add_argument("--ckpt", required=True)
+    coco.add_argument("--vae", help="as sample.py: folder/file/hub id or 'none' "
+                                    "(default: the checkpoint's)")
+    coco.add_argument("--clip", help="as sample.py: the caption encoder "
+                                     "(default: the checkpoint's)")
+    coco.add_argument("--captions", required=True, help="annotations/captions_val2014.json")
+    coco.add_argument("--images", required=True, help="the val2014/ image folder")
+    coco.add_argument("--n", "--num-images", dest="n", type=int, default=30000,
+                      help="images (5000: FID-5K); under torchrun spell it --num-images, as "
+                           "torchrun's own parser reads --n as an abbreviation")
+    coco.add_argument("--seed", type=int, default=0, help="picks the captions and the noise")
+    coco.add_argument("--steps", type=int, default=30)
+    coco.add_argument("--cfg", type=float, default=5.0,
+                      help="guidance scale (1: none; 5: the released default)")
+    coco.add_argument("--batch-size", type=int, default=32,
+                      help="images per seed-batch: part of the protocol, like --seed")
+    coco.add_argument("--out", required=True, help="images/, captions.json, result.json")
+    coco.add_argument("--clip-score-model", default=CLIP_SCORE_MODEL,
+                      help=f"ARCH:TAG, ARCH:FILE or {TINY_RANDOM} (default {CLIP_SCORE_MODEL})")
+
+    for p in (fid, coco):
+        p.add_argument("--ref-stats", help="reference feature statistics (.npz): read when "
+                                           "the file exists, else computed and saved there "
+                                           "(coco default: OUT/reference_stats.npz)")
+        p.add_argument("--inception", help=f"FID Inception weights file, or '{RANDOM}' for "
+                                           f"tests (default: download {INCEPTION_URL})")
+    for p in (shapes, fid, coco):
+        p.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK) if there is one, else cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.command == "shapes":
+        scores, images, _ = evaluate_shapes(args.ckpt, args.n, args.seed, args.steps, args.cfg,
+                                            device)
+        if args.grid:
+            from sample import grid_image, to_pil
+            grid_image([to_pil(im) for im in images[:32]], 8).save(args.grid)
+        print(json.dumps(scores))
+    elif args.command == "fid":
+        print(json.dumps(folder_fid(args.real, args.fake, load_inception(args.inception, device),
+                                    args.ref_stats)))
+    else:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if world_size > 1:  # a process group only to wait for every rank's images
+            import datetime
+            import torch.distributed as dist
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+        coco_generate(args, rank, world_size)
+        if world_size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        if rank == 0:
+            print(json.dumps(coco_evaluate(args)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

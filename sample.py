@@ -9,6 +9,7 @@ generator seeded with --seed on the sampling device: the released code's draw, s
 seed and prompt list give the same images as the paper's pipeline.
 """
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ RELEASED_CKPT = "ckpts/dit_4_channel_37M_real_and_synthetic_data.pt"
 # the VAE each released latent width was trained with
 DEFAULT_VAES = {4: "stabilityai/stable-diffusion-xl-base-1.0", 16: "ostris/vae-kl-f8-d16"}
 PIXEL_SPACE = "none"  # --vae none: the model works on pixels directly
+Pipeline = collections.namedtuple("Pipeline", "net text_encoder vae device")
 
 
 class CheckpointError(ValueError):
@@ -238,29 +240,35 @@ def main(argv=None):
         return 2
 
 
-def run(args):
-    prompts = read_prompts(args)
-    ckpt = args.ckpt or hub_file(RELEASED_REPO, RELEASED_CKPT)
+def load_pipeline(ckpt, vae_name=None, clip_name=None, device="cpu", preset=None, res=None):
+    """The DiT of a checkpoint with its VAE (None: pixel space) and text encoder; names
+    default to those the checkpoint records, then to the released models'."""
     state, config, info = read_checkpoint(ckpt)
-    vae_name = args.vae or info.get("vae")
-    clip_name = args.clip or info.get("clip") or DEFAULT_CLIP
-    dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
-
+    vae_name = vae_name or info.get("vae")
+    clip_name = clip_name or info.get("clip") or DEFAULT_CLIP
     vae = None
     if vae_name != PIXEL_SPACE:
         from vae import load_vae
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         channels = state["x_embedder.proj.weight"].shape[1]
-        vae = load_vae(resolve_vae(vae_name or DEFAULT_VAES[channels]), args.device, dtype)
+        vae = load_vae(resolve_vae(vae_name or DEFAULT_VAES[channels]), device, dtype)
     factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_size = args.res // factor if args.res else None
-    net = build_dit(state, config, args.preset, latent_size, args.device, source=ckpt)
+    latent_size = res // factor if res else None
+    net = build_dit(state, config, preset, latent_size, device, source=ckpt)
     del state
-    text_encoder = load_text_encoder(clip_name, args.device)
+    text_encoder = load_text_encoder(clip_name, device)
     if text_encoder.width != net.cfg.caption_channels:
         raise ValueError(f"the text encoder {clip_name!r} gives {text_encoder.width}-wide "
                          f"features but the model expects {net.cfg.caption_channels}: pass the "
                          f"--clip the model was trained with")
+    return Pipeline(net, text_encoder, vae, device)
 
+
+def run(args):
+    prompts = read_prompts(args)
+    ckpt = args.ckpt or hub_file(RELEASED_REPO, RELEASED_CKPT)
+    net, text_encoder, vae, _ = load_pipeline(ckpt, args.vae, args.clip, args.device,
+                                              args.preset, args.res)
     images = generate(net, text_encoder, vae, prompts, args.seed, args.steps, args.cfg,
                       args.batch_size, args.device)
     os.makedirs(args.out, exist_ok=True)

@@ -1452,27 +1452,63 @@ def test_export_loads_in_sample(train_data, tmp_path):
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
 
 
-def test_torchrun_two_processes_equal_one(train_data, tmp_path):
-    """gloo DDP on 2 CPU processes, micro-batch 4 each, equals one process accumulating
-    2 micro-batches of 4: the same global batch of 8."""
+def run_train(args, out, processes=1, port=29517):
     import subprocess
     import sys
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = train_args(train_data, "OUT", "--steps", "3", "--micro-batch", "4")
-    one = subprocess.run([sys.executable, "train.py", *[a.replace("OUT", str(tmp_path / "one"))
-                                                         for a in args]],
-                         cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29517", "train.py",
-                          *[a.replace("OUT", str(tmp_path / "two")) for a in args]],
-                         cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = final_checkpoint(tmp_path / "one"), final_checkpoint(tmp_path / "two")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                 f"--master_port={port}"] if processes > 1 else [sys.executable])
+    done = subprocess.run([*launcher, "train.py", *[a.replace("OUT", str(out)) for a in args]],
+                          cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_same_weights(a, b):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one(train_data, tmp_path, mode):
+    """gloo DDP (or FSDP2) on 2 CPU processes, micro-batch 4 each, equals one process
+    accumulating 2 micro-batches of 4: the same global batch of 8. FSDP checkpoints hold
+    whole tensors, so a sharded run also resumes exactly from one."""
+    args = train_args(train_data, "OUT", "--steps", "4", "--ckpt-every", "2", "--micro-batch", "4",
+                      *(["--fsdp"] if mode == "fsdp" else []))
+    run_train(args, tmp_path / "one")
+    run_train(args, tmp_path / "two", processes=2)
+    one, two = final_checkpoint(tmp_path / "one"), final_checkpoint(tmp_path / "two")
+    assert_same_weights(one, two)
     assert [r["loss"] for r in logged(tmp_path / "one")] == pytest.approx(
         [r["loss"] for r in logged(tmp_path / "two")], rel=1e-5)
+    assert one["optimizer"]["state"].keys() == two["optimizer"]["state"].keys()
+    if mode == "fsdp":  # lose the last checkpoint, resume the sharded run from step 2
+        os.remove(train.checkpoints(str(tmp_path / "two" / "phase1"))[-1])
+        run_train(args, tmp_path / "two", processes=2)
+        resumed = final_checkpoint(tmp_path / "two")
+        assert resumed["step"] == 4
+        assert_same_weights(one, resumed)
+        for i, state in one["optimizer"]["state"].items():
+            torch.testing.assert_close(state["exp_avg_sq"], resumed["optimizer"]["state"][i]["exp_avg_sq"],
+                                       rtol=1e-5, atol=1e-12)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from diffusion import edm_loss
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=8)
+    torch.manual_seed(0)
+    net = MicroDiT(cfg)
+    x, y = torch.randn(4, cfg.in_channels, 8, 8), torch.randn(4, 77, cfg.caption_channels)
+    normal, noise = torch.randn(4), torch.randn_like(x)
+    ids_keep = random_ids_keep(4, 16, 0.5, "cpu", generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        net.activation_checkpointing = checkpointing
+        net.zero_grad()
+        edm_loss(net, x, y, 0.5, normal=normal, noise=noise, ids_keep=ids_keep).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- eval.py
@@ -1504,3 +1540,399 @@ def test_shapes_metric_reads_renderings_back():
     assert prompt_following(noisy, asked)["all"] > 0.9
     shuffled = prompt_following(images[1:] + images[:1], asked)
     assert shuffled["all"] < 0.2 and shuffled["position"] < 0.5
+
+
+import eval as ev  # noqa: E402
+
+
+@pytest.fixture
+def small_inception(monkeypatch):
+    """The random FID Inception run at 75 px (its smallest input) instead of 299: the same
+    code path at 1/16 of the cost."""
+    monkeypatch.setattr(ev, "INCEPTION_SIZE", 75)
+    return ev.load_inception(ev.RANDOM)
+
+
+def write_images(folder, seed, sizes, brightness=1.0):
+    """Smooth random RGB images (noise upsampled), saved as PNGs: the paths."""
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        coarse = torch.rand(1, 3, 4, 4, generator=g) * brightness
+        pixels = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+        path = os.path.join(folder, f"{i:03d}.png")
+        array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    return paths
+
+
+@torch.no_grad()
+def slow_features(net, paths, transform=lambda img: img):
+    """One image at a time, read with plain PIL: [N, 2048] float64."""
+    rows = []
+    for p in paths:
+        img = transform(Image.open(p).convert("RGB"))
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+        rows.append(net(x[None])[0].double())
+    return torch.stack(rows).numpy()
+
+
+def reference_fid(a, b):
+    """FID of two [N, D] feature matrices with fewer rows than columns, by another route:
+    the nonzero eigenvalues of S_a S_b are the squared singular values of A B^T / sqrt((Na -
+    1)(Nb - 1)) for the centred features A and B, so tr (S_a S_b)^(1/2) is a nuclear norm."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    nuclear = torch.linalg.matrix_norm(ca @ cb.T, ord="nuc")
+    trace_sqrt = nuclear / ((len(a) - 1) * (len(b) - 1)) ** 0.5
+    return float((a.mean(0) - b.mean(0)).square().sum() + ca.square().sum() / (len(a) - 1)
+                 + cb.square().sum() / (len(b) - 1) - 2 * trace_sqrt)
+
+
+def run_main(capsys, *args):
+    rc = ev.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out.strip().splitlines()[-1]) if rc == 0 else err)
+
+
+# ----------------------------------------------------------------------------- FID
+
+def test_fid_of_two_folders_with_cached_reference_stats(small_inception, tmp_path, capsys):
+    real = write_images(tmp_path / "real", 0, [(32, 32)] * 8 + [(40, 24), (24, 40)])
+    fake = write_images(tmp_path / "fake", 1, [(32, 32)] * 10, brightness=0.6)
+    stats = tmp_path / "cache" / "real.npz"
+    common = ["fid", "--inception", "random", "--device", "cpu", "--fake", tmp_path / "fake"]
+    rc, first = run_main(capsys, *common, "--real", tmp_path / "real", "--ref-stats", stats)
+    assert rc == 0 and first["real"] == 10 and first["fake"] == 10
+
+    a, b = slow_features(small_inception, real), slow_features(small_inception, fake)
+    assert first["fid"] == pytest.approx(reference_fid(a, b), rel=1e-4)
+    assert first["fid"] > 1e-3
+    with np.load(stats) as f:
+        np.testing.assert_allclose(f["mu"], a.mean(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(f["sigma"], np.cov(a, rowvar=False), rtol=1e-4, atol=1e-8)
+        assert int(f["count"]) == 10
+
+    # the cache is read, not recomputed: new pixels behind the same folder change nothing
+    saved = stats.read_bytes()
+    write_images(tmp_path / "real", 5, [(32, 32)] * 10, brightness=0.3)
+    rc, again = run_main(capsys, *common, "--real", tmp_path / "real", "--ref-stats", stats)
+    assert rc == 0 and again["fid"] == first["fid"] and stats.read_bytes() == saved
+    assert not [f for f in os.listdir(stats.parent) if ".tmp" in f]
+
+    # stats of another folder are refused, not silently reused
+    rc, err = run_main(capsys, *common, "--real", tmp_path / "fake", "--ref-stats", stats)
+    assert rc == 2 and "delete it" in err
+
+    rc, same = run_main(capsys, *common, "--real", tmp_path / "fake")
+    assert rc == 0 and abs(same["fid"]) < 1e-6
+
+
+def test_fid_inception_has_the_weight_files_names_and_shapes():
+    """pytorch-fid loads pt_inception-2015-12-05-6726825d.pth strictly into torchvision's
+    inception_v3(num_classes=1008, aux_logits=False): ours must have its every name and shape."""
+    import torchvision
+    net = ev.load_inception(ev.RANDOM)
+    tv = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False,
+                                         init_weights=False)
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert ours == {k: tuple(v.shape) for k, v in tv.state_dict().items()}
+    assert ours["fc.weight"] == (1008, 2048) and ours["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
+    assert ours["Mixed_7c.branch_pool.conv.weight"] == (192, 2048, 1, 1)
+    assert not any(k.startswith("AuxLogits") for k in ours)
+    assert sum(p.numel() for p in net.parameters()) == 23_850_960  # 21,785,568 + fc 2,065,392
+    assert ev.INCEPTION_SIZE == 299
+
+
+def test_fid_inception_weights_file_and_clear_errors(small_inception, tmp_path, monkeypatch,
+                                                     capsys):
+    torch.save(small_inception.state_dict(), tmp_path / "weights.pth")
+    loaded = ev.load_inception(str(tmp_path / "weights.pth"))
+    x = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(x), small_inception(x))
+    assert loaded.name == "pt_inception-2015-12-05"
+
+    write_images(tmp_path / "a", 0, [(8, 8)] * 2)
+    rc, err = run_main(capsys, "fid", "--real", tmp_path / "a", "--fake", tmp_path / "a",
+                       "--inception", tmp_path / "missing.pth")
+    assert rc == 2 and ev.INCEPTION_URL in err
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        ev.load_inception()
+    assert ev.INCEPTION_URL in str(e.value) and "--inception PATH" in str(e.value)
+    assert os.path.join(torch.hub.get_dir(), "checkpoints") in str(e.value)
+
+
+def test_fid_inception_is_torchvisions_trunk_with_the_fid_blocks(small_inception):
+    """torchvision's Inception3 (stem, pools, order, final average) holding our blocks, on
+    the input resized and scaled by hand, gives our features."""
+    import torchvision
+    net = small_inception
+    tv = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False,
+                                         init_weights=False)
+    tv.load_state_dict(net.state_dict())
+    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                 "Mixed_6e", "Mixed_7b", "Mixed_7c"):
+        setattr(tv, name, getattr(net, name))
+    tv.fc = torch.nn.Identity()
+    x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tv.eval()(2 * F.interpolate(x, size=(75, 75), mode="bilinear") - 1)
+        got = net(x)
+    assert got.shape == (2, 2048)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert got.std() > 0.01  # the random weights keep the features alive
+
+
+def test_tf_average_pool_leaves_the_padding_out():
+    x = torch.ones(1, 1, 4, 4)
+    assert torch.equal(ev.tf_avg_pool(x), x)
+    default = F.avg_pool2d(x, 3, stride=1, padding=1)
+    assert default[0, 0, 0, 0] == pytest.approx(4 / 9)  # corner: 4 of 9 pixels inside
+    assert default[0, 0, 0, 1] == pytest.approx(6 / 9)  # edge: 6 of 9
+    x = torch.arange(16.).reshape(1, 1, 4, 4)
+    assert ev.tf_avg_pool(x)[0, 0, 0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4)
+
+
+@pytest.mark.parametrize("name, pool_channels", [("Mixed_5b", 32), ("Mixed_6b", 192),
+                                                  ("Mixed_7b", 192), ("Mixed_7c", 192)])
+def test_fid_blocks_differ_from_torchvision_only_in_their_pool(name, pool_channels):
+    """Same weights in torchvision's block: the conv branches agree everywhere; the pool
+    branch (the last channels) agrees inside and differs on the border for the average
+    pools, and for Mixed_7c is the max pool's, everywhere."""
+    from torchvision.models import inception as tvi
+    ours = getattr(ev.load_inception(ev.RANDOM), name)
+    cls = {"A": tvi.InceptionA, "C": tvi.InceptionC, "E": tvi.InceptionE}[type(ours).__name__[-1]]
+    in_channels = ours.branch1x1.conv.in_channels
+    kwargs = {"Mixed_5b": {"pool_features": 32}, "Mixed_6b": {"channels_7x7": 128}}.get(name, {})
+    theirs = cls(in_channels, **kwargs).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(1, in_channels, 6, 6, generator=torch.Generator().manual_seed(0)).relu()
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+        expected_pool = ours.branch_pool(F.max_pool2d(x, 3, stride=1, padding=1)
+                                         if name == "Mixed_7c" else ev.tf_avg_pool(x))
+    torch.testing.assert_close(a[:, :-pool_channels], b[:, :-pool_channels], rtol=0, atol=0)
+    torch.testing.assert_close(a[:, -pool_channels:], expected_pool, rtol=0, atol=0)
+    inner = (slice(None), slice(-pool_channels, None), slice(1, -1), slice(1, -1))
+    border_differs = (a[:, -pool_channels:] - b[:, -pool_channels:]).abs()[..., 0, :].max() > 1e-3
+    assert border_differs
+    if name == "Mixed_7c":
+        assert (a[inner] - b[inner]).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(a[inner], b[inner], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- CLIP score
+
+CAPTIONS = ["a red circle", "a dog on a sofa", "two cats", "a tall building at night", "x",
+            "a plate of food", "blue sky", "a man riding a horse"]
+
+
+def test_clip_score_equals_a_slow_reference_and_clamps_at_zero(tmp_path):
+    import open_clip
+    scorer = ev.load_clip_scorer(ev.TINY_RANDOM)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(len(CAPTIONS)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(paths[-1])
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    raw = []
+    with torch.no_grad():
+        for path, caption in zip(paths, CAPTIONS):
+            img = Image.open(path).convert("RGB").resize((32, 32), Image.BICUBIC)
+            x = (torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1) / 255 - mean) / std
+            u = scorer.model.encode_image(x[None])[0]
+            v = scorer.model.encode_text(tokenizer([caption]))[0]
+            raw.append(100 * float(u @ v / (u.norm() * v.norm())))
+    assert min(raw) < -1 and max(raw) > 1  # both signs: the clamp matters here
+    torch.testing.assert_close(ev.clip_cosines(scorer, [Image.open(p) for p in paths], CAPTIONS),
+                               torch.tensor(raw), rtol=1e-4, atol=1e-4)
+    assert ev.clip_score(scorer, paths, CAPTIONS) == pytest.approx(np.mean(np.maximum(raw, 0)),
+                                                                   rel=1e-5)
+    assert ev.clip_score(scorer, paths, CAPTIONS) > np.mean(raw)
+    # the same images with captions shifted one place: a different, still clamped, score
+    shifted = CAPTIONS[1:] + CAPTIONS[:1]
+    assert ev.clip_score(scorer, paths, shifted) != pytest.approx(
+        ev.clip_score(scorer, paths, CAPTIONS))
+
+
+def test_tiny_random_clip_is_fixed_by_its_seed_and_the_spec_is_checked():
+    a, b = ev.tiny_random_clip(), ev.tiny_random_clip()
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="ARCH:TAG"):
+        ev.load_clip_scorer("ViT-L-14:no-such-tag-or-file")
+    with pytest.raises(FileNotFoundError, match="ARCH:TAG"):
+        ev.load_clip_scorer("NoSuchArch:openai")
+
+
+# ----------------------------------------------------------------------------- COCO-30K
+
+def fake_coco(root):
+    """A captions JSON and 6 images of odd sizes; image 7 has no caption."""
+    sizes = {1: (24, 18), 2: (18, 30), 3: (20, 20), 5: (30, 22), 8: (17, 25), 9: (26, 26),
+             7: (20, 20)}
+    images, annotations = [], []
+    for image_id, (w, h) in sizes.items():
+        write_images(root / "tmp", image_id, [(w, h)])
+        os.replace(root / "tmp" / "000.png", root / f"COCO_val2014_{image_id:012d}.png")
+        images.append({"id": image_id, "file_name": f"COCO_val2014_{image_id:012d}.png"})
+    for ann_id, (image_id, caption) in enumerate(
+            [(1, "a cat on a mat"), (2, "two dogs"), (1, " a cat sleeping "), (3, "a red bus"),
+             (5, "a bowl of fruit"), (8, "a man surfing"), (9, "a clock tower"),
+             (3, "a bus on a street"), (5, "apples and pears"), (2, "puppies playing")]):
+        annotations.append({"id": 100 - ann_id, "image_id": image_id, "caption": caption})
+    path = root / "captions_val2014.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path, {i: [a["caption"].strip() for a in annotations if a["image_id"] == i]
+                  for i in sizes}
+
+
+@pytest.fixture
+def pixel_checkpoint(tmp_path):
+    """A random pixel-space CPU model saved as train.py saves it, naming its encoders."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], in_channels=3)
+    net = MicroDiT(cfg)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path / "pixel.pt"
+    torch.save({"model": net.state_dict(), "model_config": dataclasses.asdict(cfg),
+                "vae": "none", "clip": "tiny-random", "step": 0}, path)
+    return path
+
+
+def test_coco_captions_are_a_seeded_nested_choice(tmp_path):
+    captions_json, captions = fake_coco(tmp_path)
+    chosen = ev.choose_captions(captions_json, 6, seed=0)
+    assert [c["index"] for c in chosen] == list(range(6))
+    assert sorted(c["image_id"] for c in chosen) == [1, 2, 3, 5, 8, 9]  # 7 has no caption
+    assert all(c["caption"] in captions[c["image_id"]] for c in chosen)
+    assert ev.choose_captions(captions_json, 6, seed=0) == chosen
+    assert ev.choose_captions(captions_json, 4, seed=0) == chosen[:4]
+    other = ev.choose_captions(captions_json, 6, seed=1)
+    assert [c["image_id"] for c in other] != [c["image_id"] for c in chosen]
+    with pytest.raises(ValueError, match="only 6 captioned images"):
+        ev.choose_captions(captions_json, 7)
+
+
+def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, monkeypatch,
+                                  capsys):
+    from sample import generate, load_dit, to_pil
+    from text import load_text_encoder
+    captions_json, _ = fake_coco(tmp_path)
+    common = ["coco", "--ckpt", pixel_checkpoint, "--captions", captions_json, "--images",
+              tmp_path, "--n", 4, "--steps", 2, "--cfg", 2.0, "--batch-size", 3, "--seed", 5,
+              "--device", "cpu"]
+    args = {w: ev.parse_args([str(a) for a in common + ["--out", tmp_path / w]])
+            for w in ("one", "two")}
+    ev.coco_generate(args["one"], rank=0, world_size=1)
+    ev.coco_generate(args["two"], rank=1, world_size=2)  # batch 1 = index 3 only
+    assert os.listdir(tmp_path / "two" / "images") == ["00003.png"]
+    ev.coco_generate(args["two"], rank=0, world_size=2)
+    pngs = {w: [(tmp_path / w / "images" / f"{i:05d}.png").read_bytes() for i in range(4)]
+            for w in ("one", "two")}
+    assert pngs["one"] == pngs["two"]
+
+    # image i of seed-batch k is sample.generate's for that batch's captions and seed
+    chosen = ev.choose_captions(captions_json, 4, seed=5)
+    net, _ = load_dit(str(pixel_checkpoint))
+    encoder = load_text_encoder("tiny-random")
+    for k, indices in enumerate([range(0, 3), range(3, 4)]):
+        images = generate(net, encoder, None, [chosen[i]["caption"] for i in indices],
+                          seed=ev.batch_seed(5, k), steps=2, cfg=2.0, batch_size=3, device="cpu")
+        for i, image in zip(indices, images):
+            png = Image.open(tmp_path / "one" / "images" / f"{i:05d}.png")
+            assert np.array_equal(np.asarray(png), np.asarray(to_pil(image)))
+            assert png.text["caption"] == chosen[i]["caption"]
+
+    # the metrics: all images exist, so nothing is loaded or drawn again
+    def no_generation(*a, **kw):
+        raise AssertionError("generation should have been skipped")
+    monkeypatch.setattr(ev, "load_pipeline", no_generation)
+    stats = tmp_path / "ref.npz"
+    metric_args = ["--inception", "random", "--clip-score-model", "tiny-random",
+                   "--ref-stats", stats]
+    rc, result = run_main(capsys, *common, "--out", tmp_path / "one", *metric_args)
+    assert rc == 0 and stats.exists()
+    assert json.loads((tmp_path / "one" / "result.json").read_text()) == result
+    assert result["n"] == 4 and result["resolution"] == 16 and result["feature_net"] == "random-0"
+
+    real = [tmp_path / c["file_name"] for c in chosen]
+    fake = [tmp_path / "one" / "images" / f"{i:05d}.png" for i in range(4)]
+    to_16 = lambda img: data.resize_center_crop(img, 16)  # noqa: E731
+    expected = reference_fid(slow_features(small_inception, real, to_16),
+                             slow_features(small_inception, fake))
+    assert result["fid"] == pytest.approx(expected, rel=1e-4)
+    scorer = ev.load_clip_scorer("tiny-random")
+    assert result["clip_score"] == pytest.approx(
+        ev.clip_score(scorer, fake, [c["caption"] for c in chosen]), rel=1e-6)
+
+    # resuming: a lost image is drawn again, the same; other settings are refused
+    monkeypatch.undo()
+    os.remove(fake[1])
+    ev.coco_generate(args["one"])
+    assert fake[1].read_bytes() == pngs["one"][1]
+    with pytest.raises(ValueError, match="use another --out"):
+        ev.coco_generate(ev.parse_args([str(a) for a in common + ["--seed", 6, "--out",
+                                                                  tmp_path / "one"]]))
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def renders(seed, n=200, res=16, **change):
+    rng = np.random.default_rng(seed)
+    attrs = [dataclasses.replace(data.sample_attributes(rng), **change) for _ in range(n)]
+    return ev.render_set(attrs, res)
+
+
+def test_shapes_frechet_distance():
+    real, other = renders(1), renders(2)
+    assert abs(ev.shapes_frechet(real, real)) < 1e-4
+    floor = ev.shapes_frechet(real, other)
+    assert floor > 0
+    for mismatched in (renders(2, position="center"), renders(2, size="small"),
+                       [1 - x for x in other]):
+        assert ev.shapes_frechet(real, mismatched) > 1.5 * floor
+    weights = lambda seed: [p for p in ev.shapes_feature_net(seed).parameters()]  # noqa: E731
+    assert all(torch.equal(p, q) for p, q in zip(weights(0), weights(0)))
+    assert not torch.equal(weights(0)[0], weights(1)[0])
+
+
+def test_eval_shapes_reports_the_frechet_distance_and_its_floor(pixel_checkpoint):
+    scores, images, asked = ev.evaluate_shapes(str(pixel_checkpoint), n=6, seed=3, steps=2,
+                                               cfg=2.0, device="cpu")
+    assert set(scores) == {"shape", "color", "size", "position", "all", "frechet",
+                           "frechet_real_vs_real"}
+    assert scores["frechet"] == ev.shapes_frechet(images, ev.render_set(asked, 16))
+    assert 0 < scores["frechet_real_vs_real"] != scores["frechet"]
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+def test_bench_quick_mode_runs_and_reports_consistent_figures(tmp_path):
+    import bench
+    out = tmp_path / "bench.json"
+    results = bench.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text())["train"]["rows"] == results["train"]["rows"]
+    rows = {row["mask_ratio"]: row for row in results["train"]["rows"]}
+    assert sorted(rows) == [0.0, 0.75]
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=16)
+    for m, row in rows.items():
+        assert row["images_per_s"] * row["ms_per_step"] / 1000 == pytest.approx(4)
+        expected = model_lib.train_flops_per_image(cfg, mask_ratio=m) * 4 / (row["ms_per_step"] / 1000)
+        assert row["tflops_per_s"] * 1e12 == pytest.approx(expected)
+        assert row["mfu"] is None  # no known peak on a CPU
+    masking = results["train"]["masking"]["eager"]
+    assert masking["flop_ratio"] == pytest.approx(forward_flops(cfg, mask_ratio=0) / forward_flops(cfg, mask_ratio=0.75))
+    assert masking["speedup"] == pytest.approx(rows[0.0]["ms_per_step"] / rows[0.75]["ms_per_step"])
+    assert results["sample"]["network_calls"] == 5 and results["sample"]["seconds_per_image"] > 0
+    assert results["data"]["samples_per_s"] > 0

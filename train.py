@@ -23,6 +23,9 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from diffusion import edm_loss_per_sample
@@ -79,6 +82,12 @@ def parse_args(argv=None):
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer "
+                                                       "state over the processes (FSDP2) "
+                                                       "instead of replicating them (DDP)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward: less memory, "
+                        "about a third more compute")
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept per phase")
     p.add_argument("--sample-every", type=int, default=5000)
@@ -95,8 +104,11 @@ def resolve_config(args):
     """The phase recipe with every command-line override applied, as a plain dict."""
     cfg = dict(PHASES[args.phase], phase=args.phase, base_res=PHASES[1]["res"])
     if args.demo:  # a recipe a 2-core CPU finishes in minutes; still overridable below
-        cfg.update(res=16, base_res=16, mask_ratio=0.5, steps=1500, lr=1e-3, warmup=100, micro_batch=64,
-                   schedule="cosine", min_lr_ratio=0.1, ema_decay=0.995, ema_start=500)
+        # no masking: at 64 patches it saves little and slows learning; P_mean 0 trains more
+        # at the noise levels where the layout (which shape, where) is decided
+        cfg.update(res=16, base_res=16, mask_ratio=0.0, p_mean=0.0, steps=1500, lr=1e-3,
+                   warmup=100, micro_batch=64, schedule="cosine", min_lr_ratio=0.1,
+                   ema_decay=0.995, ema_start=500)
         args.preset, args.data = "MicroDiT_CPU_2", args.data or "demo"
         args.batch_size = args.batch_size if args.batch_size != 2048 else 64
         args.sample_every = min(args.sample_every, 500)
@@ -106,8 +118,8 @@ def resolve_config(args):
         if value is not None and key != "phase":
             cfg[key] = value
     for key in ("preset", "data", "out", "batch_size", "weight_decay", "aux_loss_weight", "seed",
-                "compile", "dtype", "ckpt_every", "keep", "sample_every", "max_bad_steps",
-                "vae", "clip", "init", "demo"):
+                "compile", "dtype", "fsdp", "activation_checkpointing", "ckpt_every", "keep",
+                "sample_every", "max_bad_steps", "vae", "clip", "init", "demo"):
         cfg[key] = getattr(args, key)
     cfg["model"] = json.loads(args.model)
     return cfg
@@ -249,6 +261,51 @@ class EMA:
                 self.state[k].lerp_(v.float(), 1 - decay)
 
 
+def shard(raw, world, device):
+    """FSDP2: each transformer block (and the patch-mixer) becomes one unit whose weights
+    are gathered just before it runs and freed after; the root holds the rest."""
+    mesh = init_device_mesh(device.type, (world,))
+    for block in [*raw.blocks, *([raw.patch_mixer] if raw.cfg.patch_mixer_depth else [])]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(raw, mesh=mesh)
+
+
+def gathered(state):
+    """A state dict with its FSDP-sharded tensors made whole, on the CPU; others as they
+    are. A collective under FSDP: every rank must call it."""
+    return {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def shard_as(tensor, like):
+    """A whole tensor cut (and placed) the way `like` is."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements)
+    return tensor.to(like.device)
+
+
+def optimizer_state(optimizer):
+    """optimizer.state_dict() with whole tensors: one format with and without FSDP."""
+    state = optimizer.state_dict()
+    return {**state, "state": {i: gathered(s) for i, s in state["state"].items()}}
+
+
+def load_optimizer_state(optimizer, state):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    per_param = {i: {k: shard_as(v, params[int(i)]) if v.shape == params[int(i)].shape else v
+                     for k, v in s.items()} for i, s in state["state"].items()}
+    optimizer.load_state_dict({**state, "state": per_param})
+
+
+def accumulating(model, raw, sync):
+    """Skips the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last
+    micro-batch of a step: gradients accumulate locally and are reduced once."""
+    if isinstance(raw, FSDPModule):
+        raw.set_requires_gradient_sync(sync)
+    if isinstance(model, DDP) and not sync:
+        return model.no_sync()
+    return nullcontext()
+
+
 def bucket_losses(per_sample, sigma):
     """Sums and counts of the per-sample loss in each noise-level bucket, [2, B+1]."""
     ids = torch.bucketize(sigma.detach().float(), torch.tensor(SIGMA_BUCKETS, device=sigma.device))
@@ -295,7 +352,6 @@ def main(argv=None):
 
     rank, world, local_rank, device = setup_distributed()
     master = rank == 0
-    torch.manual_seed(cfg["seed"] + rank)
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
                       "float32": None, "bfloat16": torch.bfloat16}[cfg["dtype"]]
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
@@ -333,18 +389,27 @@ def main(argv=None):
         model_cfg = dataclasses.replace(PRESETS[cfg["preset"]], in_channels=C, input_size=H,
                                         caption_channels=loader.caption_shape[-1],
                                         pos_interp_scale=pos_interp, **cfg["model"])
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP keeps its own)
     raw = MicroDiT(model_cfg).to(device)
+    torch.manual_seed(cfg["seed"] + rank)
+    raw.activation_checkpointing = cfg["activation_checkpointing"]
+    if start is not None:
+        # pos_embed is a function of the resolution: the 512px phase rebuilds its own
+        raw.load_state_dict({k: v for k, v in start["model"].items() if k != "pos_embed"},
+                            strict=False)
+    fsdp = cfg["fsdp"] and world > 1
+    if cfg["fsdp"] and not fsdp and master:
+        print("--fsdp: one process has nothing to shard over; training unsharded")
+    if fsdp:
+        shard(raw, world, device)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg["weight_decay"],
                                   fused=device.type == "cuda")
     step, phase_start, ema = 0, 0, None
     if start is not None:
-        # pos_embed is a function of the resolution: the 512px phase rebuilds its own
-        raw.load_state_dict({k: v for k, v in start["model"].items() if k != "pos_embed"},
-                            strict=False)
         full_state = resume or cfg["init"] or PHASES[cfg["phase"]]["init"] == "full"
         if full_state:
-            optimizer.load_state_dict(start["optimizer"])
+            load_optimizer_state(optimizer, start["optimizer"])
             step = start["step"]
         if resume:  # same phase: everything continues
             phase_start = start["phase_start"]
@@ -356,10 +421,10 @@ def main(argv=None):
     ema_obj = None
     if ema is not None:
         ema_obj = EMA(raw)
-        ema_obj.state = {k: v.to(device) for k, v in ema.items()}
+        ema_obj.state = {k: shard_as(ema[k], v) for k, v in ema_obj.state.items()}
 
     model = torch.compile(raw) if use_compile else raw
-    if world > 1:
+    if world > 1 and not fsdp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     flops_per_image = train_flops_per_image(model_cfg, H, cfg["mask_ratio"])
@@ -372,7 +437,8 @@ def main(argv=None):
         print(json.dumps(cfg, indent=2))
         print(model_cfg)
         print(f"{count_params(raw):,} parameters; global batch {cfg['batch_size']} = micro-batch "
-              f"{cfg['micro_batch']} x {world} processes x {accum} accumulation steps; "
+              f"{cfg['micro_batch']} x {world} processes{' (FSDP)' if fsdp else ''} x {accum} "
+              f"accumulation steps; "
               f"{flops_per_image / 1e9:.1f} GFLOPs per training image; starting at step {step}")
 
     # --- the loop
@@ -403,7 +469,7 @@ def main(argv=None):
             ids_keep = (random_ids_keep(N, T, cfg["mask_ratio"], device, generator=g)
                         if cfg["mask_ratio"] > 0 else None)
             sync = micro == accum - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
+            with accumulating(model, raw, sync), autocast:
                 per_sample, sigma = edm_loss_per_sample(
                     model, x, y, cfg["mask_ratio"], cfg["p_mean"], cfg["p_std"],
                     normal=normal, noise=noise, ids_keep=ids_keep)
@@ -415,6 +481,8 @@ def main(argv=None):
             buckets += bucket_losses(per_sample, sigma)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         stats = torch.cat([loss_sum.reshape(1) / accum, buckets.flatten()])
         if world > 1:
             dist.all_reduce(stats)
@@ -463,23 +531,27 @@ def main(argv=None):
                      f"--lr or --grad-clip and resume from it.")
 
         # --- checkpoint and samples
-        if step % cfg["ckpt_every"] == 0 or step == end:
+        save_now = step % cfg["ckpt_every"] == 0 or step == end
+        sample_now = step % cfg["sample_every"] == 0 or step == end
+        if save_now or sample_now:
+            model_state = gathered(raw.state_dict())
+            ema_state = gathered(ema_obj.state) if ema_obj else None
+        if save_now:
             rng = [rng_state()]
             if world > 1:
-                gathered = [None] * world
-                dist.all_gather_object(gathered, rng[0])
-                rng = gathered
+                rng = [None] * world
+                dist.all_gather_object(rng, rng_state())
+            opt_state = optimizer_state(optimizer)
             if master:
                 save_checkpoint(folder, {
-                    "model": raw.state_dict(), "ema": ema_obj.state if ema_obj else None,
-                    "optimizer": optimizer.state_dict(), "step": step,
+                    "model": model_state, "ema": ema_state,
+                    "optimizer": opt_state, "step": step,
                     "phase_step": phase_step, "phase_start": phase_start,
                     "model_config": dataclasses.asdict(model_cfg), "config": cfg,
                     "loader": loader.state_dict(), "rng": rng, "vae": info.get("vae"),
                     "clip": info.get("clip")}, cfg["keep"])
-        if master and (step % cfg["sample_every"] == 0 or step == end):
-            path = save_sample_grid(ema_obj.state if ema_obj else raw.state_dict(), model_cfg,
-                                    cfg, info, step, device)
+        if master and sample_now:
+            path = save_sample_grid(ema_state or model_state, model_cfg, cfg, info, step, device)
             tqdm.write(f"step {step}: samples in {path}")
     bar.close()
     if master:

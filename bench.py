@@ -1,0 +1,228 @@
+"""Measure speed: training step, masking speedup, torch.compile, sampling, data loading.
+
+    python bench.py                                     # MicroDiT_Tiny_2, batch 8, 32x32, CPU
+    python bench.py --preset MicroDiT_XL_2 --phase 1 --batch-size 256 --compile on   # one H100
+    python bench.py --compile both                      # eager and compiled, side by side
+    python bench.py --quick                             # CI: tiny preset, a few steps
+
+Every comparison (mask 0.75 against mask 0, compiled against eager) is measured side by
+side: the variants take turns, one timed step each, and each figure is the median over its
+turns, so a slow spell of a noisy machine hits both alike. The training step is train.py's:
+EDM loss with masking, backward, grad clip, AdamW. MFU is model FLOPs (model.py's count,
+forward + backward) per second over the device's dense bf16 peak; it is reported on CUDA,
+or anywhere with --peak-tflops.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+from diffusion import edm_loss, heun_sample
+from model import PRESETS, MicroDiT, count_params, train_flops_per_image
+from train import PHASES, peak_flops
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device):
+    """Peak memory so far: CUDA allocator peak, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def make_batch(cfg, batch_size, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.input_size
+    x = torch.randn(batch_size, cfg.in_channels, s, s, generator=g)
+    y = torch.randn(batch_size, 77, cfg.caption_channels, generator=g)
+    return x.to(device), y.to(device)
+
+
+def train_step(model, optimizer, x, y, mask_ratio, p_mean, p_std, grad_clip, autocast):
+    with autocast:
+        loss = edm_loss(model, x, y, mask_ratio, p_mean, p_std)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def alternate(variants, rounds, warmup, device):
+    """Median seconds per call of each variant {name: fn}, calls interleaved round by round."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_training(args, cfg, device, autocast, peak):
+    """Step time of eager and/or compiled training at mask 0 and the phase's mask ratio."""
+    phase = PHASES[args.phase]
+    torch.manual_seed(0)
+    raw = MicroDiT(cfg).to(device)
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-5, fused=device.type == "cuda")
+    x, y = make_batch(cfg, args.batch_size, device)
+    models = {"eager": raw, "compiled": torch.compile(raw)}
+    kinds = {"off": ["eager"], "on": ["compiled"], "both": ["eager", "compiled"]}[args.compile]
+    masks = args.masks
+    variants = {}
+    for kind in kinds:
+        for m in masks:
+            variants[(kind, m)] = (lambda model=models[kind], m=m: train_step(
+                model, optimizer, x, y, m, phase["p_mean"], phase["p_std"], phase["grad_clip"],
+                autocast))
+    t0 = time.perf_counter()
+    seconds = alternate(variants, args.rounds, args.warmup, device)
+    rows = []
+    for (kind, m), s in seconds.items():
+        flops = train_flops_per_image(cfg, mask_ratio=m) * args.batch_size
+        rows.append({"compile": kind, "mask_ratio": m, "ms_per_step": 1000 * s,
+                     "images_per_s": args.batch_size / s, "tflops_per_s": flops / s / 1e12,
+                     "mfu": flops / s / peak if peak else None})
+    result = {"rows": rows, "wall_s": time.perf_counter() - t0,
+              "peak_memory_gb": peak_memory_gb(device)}
+    masked = max(masks)
+    if 0.0 in masks and masked > 0:
+        flop_ratio = (train_flops_per_image(cfg, mask_ratio=0.0)
+                      / train_flops_per_image(cfg, mask_ratio=masked))
+        result["masking"] = {}
+        for kind in kinds:
+            speedup = seconds[(kind, 0.0)] / seconds[(kind, masked)]
+            result["masking"][kind] = {"speedup": speedup, "flop_ratio": flop_ratio,
+                                       "fraction_of_flop_ratio": speedup / flop_ratio}
+    if args.compile == "both":
+        result["compile_speedup"] = {m: seconds[("eager", m)] / seconds[("compiled", m)]
+                                     for m in masks}
+    return result
+
+
+def bench_sampling(args, cfg, device, autocast):
+    """Seconds per image of a full Heun run with guidance (both halves in one batch)."""
+    torch.manual_seed(0)
+    net = MicroDiT(cfg).to(device).eval()
+    model = torch.compile(net) if args.compile in ("on", "both") else net
+    noise, y = make_batch(cfg, args.sample_batch, device, seed=1)
+
+    def run():
+        with autocast:
+            heun_sample(model, noise, y, args.sample_steps, cfg=5.0)
+    s = alternate({"sample": run}, max(1, args.rounds // 4), 1, device)["sample"]
+    return {"steps": args.sample_steps, "batch": args.sample_batch, "cfg": 5.0,
+            "network_calls": 2 * args.sample_steps - 1, "seconds_per_batch": s,
+            "seconds_per_image": s / args.sample_batch}
+
+
+def bench_data(args):
+    """Loader samples/s on random 256px latents written to a temporary folder."""
+    from data import LatentLoader, bench_shards
+    n = 4 * args.data_batch
+    with tempfile.TemporaryDirectory() as folder:
+        bench_shards(folder, 256, n, 1024)
+        loader = LatentLoader(folder, 256, args.data_batch, prefetch=0)
+        next(loader)  # allocates the batch buffers
+        batches = 3
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+        dt = time.perf_counter() - t0
+        loader.close()
+    return {"batch": args.data_batch, "samples_per_s": batches * args.data_batch / dt,
+            "note": "page cache warm; see BENCHMARKS.md for cold-disk figures"}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="MicroDiT_Tiny_2", choices=PRESETS)
+    p.add_argument("--phase", type=int, default=1, choices=PHASES,
+                   help="takes P_mean/P_std, grad clip and the mask ratio from this phase")
+    p.add_argument("--res", type=int, default=256, help="image resolution (latents res / 8)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--masks", type=float, nargs="+", help="mask ratios to time (default: 0 and "
+                                                           "the phase's; the masking speedup "
+                                                           "compares 0 with the largest)")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bfloat16 autocast on CUDA, float32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rounds", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--sample-steps", type=int, default=30)
+    p.add_argument("--sample-batch", type=int, default=8)
+    p.add_argument("--data-batch", type=int, default=2048)
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: MicroDiT_CPU_2, 16x16 "
+                                                        "input, 2 rounds, 3 sampling steps")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.res, args.batch_size = "MicroDiT_CPU_2", 128, 4
+        args.rounds, args.warmup = 2, 1
+        args.sample_steps, args.sample_batch, args.data_batch = 3, 2, 64
+    args.masks = sorted(set(args.masks or [0.0, PHASES[args.phase]["mask_ratio"]]))
+
+    device = torch.device(args.device)
+    cfg = dataclasses.replace(PRESETS[args.preset], input_size=args.res // 8)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
+             "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads")
+    results = {"preset": args.preset, "params": count_params(MicroDiT(cfg)), "phase": args.phase,
+               "latent": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
+               "batch_size": args.batch_size, "dtype": str(dtype or torch.float32),
+               "device": machine, "torch": torch.__version__,
+               "peak_tflops": peak / 1e12 if peak else None,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(results))
+    if "train" not in args.skip:
+        results["train"] = bench_training(args, cfg, device, autocast, peak)
+        for row in results["train"]["rows"]:
+            mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] else ""
+            print(f"train {row['compile']:8s} mask {row['mask_ratio']:.2f}: "
+                  f"{row['ms_per_step']:8.1f} ms/step, {row['images_per_s']:8.1f} images/s, "
+                  f"{row['tflops_per_s']:.3f} TFLOP/s{mfu}")
+        for kind, m in results["train"].get("masking", {}).items():
+            print(f"masking {max(args.masks)} ({kind}): step {m['speedup']:.2f}x faster, "
+                  f"FLOPs {m['flop_ratio']:.2f}x fewer: {100 * m['fraction_of_flop_ratio']:.0f}% "
+                  f"of the FLOP ratio")
+        for m, s in results["train"].get("compile_speedup", {}).items():
+            print(f"torch.compile at mask {m}: {s:.2f}x eager")
+        print(f"peak memory {results['train']['peak_memory_gb']:.2f} GiB")
+    if "sample" not in args.skip:
+        results["sample"] = bench_sampling(args, cfg, device, autocast)
+        s = results["sample"]
+        print(f"sampling: {s['steps']} Heun steps, cfg 5, batch {s['batch']}: "
+              f"{s['seconds_per_image']:.3f} s per image")
+    if "data" not in args.skip:
+        results["data"] = bench_data(args)
+        print(f"data loader: {results['data']['samples_per_s']:,.0f} samples/s "
+              f"(batch {args.data_batch}, 256px latents, 1024-wide captions, page cache warm)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
