@@ -1936,3 +1936,38 @@ def test_bench_quick_mode_runs_and_reports_consistent_figures(tmp_path):
     assert masking["speedup"] == pytest.approx(rows[0.0]["ms_per_step"] / rows[0.75]["ms_per_step"])
     assert results["sample"]["network_calls"] == 5 and results["sample"]["seconds_per_image"] > 0
     assert results["data"]["samples_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------- experiments.py
+
+def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
+    import experiments
+    monkeypatch.setattr(experiments, "EVAL_IMAGES", 8)
+    out = tmp_path / "exp"
+    experiments.main(["--tables", "4", "--steps", "2", "--batch-size", "8", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results] == ["deferred 75% (mixer)", "token-choice top-2",
+                                            "no layer-wise scaling"]
+    table = (out / "results.md").read_text()
+    assert all(r["name"] in table for r in results)
+    assert Image.open(out / "plot.png").size == (900, 560)
+    # the switches reached the trained models
+    ckpt = lambda r: final_checkpoint(out / experiments.slug(r["name"]))
+    assert ckpt(results[1])["model_config"]["moe_routing"] == "token_choice"
+    assert list(ckpt(results[2])["model_config"]["mlp_ratio"]) == [2.25, 2.25]
+    # held-out loss: the mean over the fixed noise levels, recomputed here by hand
+    from sample import load_dit
+    folder = out / experiments.slug(results[0]["name"]) / "phase1"
+    net, _ = load_dit(train.checkpoints(str(folder))[-1])
+    shard = out / "held_out" / "shard-00000"
+    x = torch.from_numpy(np.load(f"{shard}.images_16.npy")).float()
+    y = torch.from_numpy(np.load(f"{shard}.caption_feats.npy")).float()
+    g = torch.Generator().manual_seed(0)
+    expected = []
+    with torch.no_grad():
+        for sigma in experiments.HELD_OUT_SIGMAS:
+            noise = torch.randn(x.shape, generator=g)
+            D = denoise(net.eval(), x + sigma * noise, sigma, y)
+            weight = (sigma ** 2 + 0.9 ** 2) / (sigma * 0.9) ** 2
+            expected.append(float((weight * (D - x) ** 2).mean()))
+    assert results[0]["held_out_loss"] == pytest.approx(np.mean(expected), rel=1e-4)
