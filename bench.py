@@ -79,7 +79,7 @@ def bench_training(args, cfg, device, autocast, peak):
     phase = PHASES[args.phase]
     torch.manual_seed(0)
     raw = MicroDiT(cfg).to(device)
-    optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-5, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-5, fused=True)
     x, y = make_batch(cfg, args.batch_size, device)
     models = {"eager": raw, "compiled": torch.compile(raw)}
     kinds = {"off": ["eager"], "on": ["compiled"], "both": ["eager", "compiled"]}[args.compile]
@@ -90,6 +90,18 @@ def bench_training(args, cfg, device, autocast, peak):
             variants[(kind, m)] = (lambda model=models[kind], m=m: train_step(
                 model, optimizer, x, y, m, phase["p_mean"], phase["p_std"], phase["grad_clip"],
                 autocast))
+    if args.profile:  # where the time of a step goes, by operator
+        from torch.profiler import ProfilerActivity, profile
+        fn = variants[(kinds[0], masks[-1])]
+        fn()
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof:
+            fn()
+            fn()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=20))
     t0 = time.perf_counter()
     seconds = alternate(variants, args.rounds, args.warmup, device)
     rows = []
@@ -169,6 +181,8 @@ def main(argv=None):
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--data-batch", type=int, default=2048)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
+    p.add_argument("--profile", action="store_true", help="print an operator profile of two "
+                                                           "training steps first")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: MicroDiT_CPU_2, 16x16 "
                                                         "input, 2 rounds, 3 sampling steps")

@@ -232,6 +232,8 @@ def main(argv=None):
     parser.add_argument("--out", default="samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-grid", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network once "
+                                                               "for all sampling steps")
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -269,6 +271,8 @@ def run(args):
     ckpt = args.ckpt or hub_file(RELEASED_REPO, RELEASED_CKPT)
     net, text_encoder, vae, _ = load_pipeline(ckpt, args.vae, args.clip, args.device,
                                               args.preset, args.res)
+    if args.compile:  # every step calls it with the same shapes: one compilation serves all
+        net = torch.compile(net)
     images = generate(net, text_encoder, vae, prompts, args.seed, args.steps, args.cfg,
                       args.batch_size, args.device)
     os.makedirs(args.out, exist_ok=True)

@@ -653,6 +653,22 @@ def test_sample_same_seed_same_image(tiny_checkpoint, tmp_path):
     assert read("a") == read("b") and read("a") != read("c")
 
 
+def test_sample_compiles_the_network_once_for_all_steps(tiny_checkpoint, tmp_path):
+    """--compile: one compilation serves every Heun step (a recompile would raise), and the
+    images equal eager ones up to float rounding."""
+    import torch._dynamo
+    path, _ = tiny_checkpoint
+    common = ["a red circle", "a blue square", "--ckpt", path, "--vae", "none", "--clip",
+              "tiny-random", "--steps", 3, "--no-grid", "--seed", 3]
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert run_sample(*common, "--compile", "--out", tmp_path / "compiled") == 0
+    assert run_sample(*common, "--out", tmp_path / "eager") == 0
+    for name in ("0000_a_red_circle.png", "0001_a_blue_square.png"):
+        a, b = (np.asarray(Image.open(tmp_path / d / name)).astype(int) for d in ("compiled", "eager"))
+        assert np.abs(a - b).max() <= 1
+
+
 def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
     path, _ = tiny_checkpoint
     assert run_sample("a cat", "--ckpt", tmp_path / "missing.pt") == 2

@@ -402,9 +402,10 @@ def main(argv=None):
         print("--fsdp: one process has nothing to shard over; training unsharded")
     if fsdp:
         shard(raw, world, device)
+    # fused: one kernel for all parameters, on CUDA and CPU (4.6x faster than the default
+    # on the CPU for the Tiny preset, BENCHMARKS.md)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=cfg["weight_decay"],
-                                  fused=device.type == "cuda")
+                                  weight_decay=cfg["weight_decay"], fused=True)
     step, phase_start, ema = 0, 0, None
     if start is not None:
         full_state = resume or cfg["init"] or PHASES[cfg["phase"]]["init"] == "full"
