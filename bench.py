@@ -15,7 +15,6 @@ or anywhere with --peak-tflops.
 import argparse
 import dataclasses
 import json
-import os
 import resource
 import statistics
 import tempfile

@@ -389,8 +389,6 @@ def clip_score(scorer, items, captions, load=open_rgb):
 
 # ----------------------------------------------------------------------------- COCO-30K
 
-
-
 def choose_captions(captions_json, n, seed=0):
     """n [index, image_id, file_name, caption] of distinct COCO images: a seeded permutation
     of the captioned images (sorted by id) and one caption of each (sorted by annotation id)

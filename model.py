@@ -12,7 +12,7 @@ x [N, C, H, W] latents, t [N] EDM noise conditioning c_noise, y [N, 1, L, Dc] or
 (None when nothing was masked).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -1397,7 +1397,7 @@ def test_phase_chaining(train_data, tmp_path):
     common = ["--steps", "2", "--ckpt-every", "2"]
     train.main(train_args(train_data, out, *common))
     train.main(train_args(train_data, out, *common, "--phase", "2"))
-    p1, p2 = final_checkpoint(out, 1), final_checkpoint(out, 2)
+    p2 = final_checkpoint(out, 2)
     assert p2["step"] == 4 and p2["phase_start"] == 2           # full state: the count goes on
     assert p2["optimizer"]["state"][0]["step"] == 4             # AdamW moments carried over
     # phase 3: 16 px from phase 2's weights only; pos_embed rebuilt at interpolation 2.0

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data import LatentLoader, atomic_write, data_info, ensure_demo_data
 from diffusion import edm_loss_per_sample
 from mixer import random_ids_keep
 from model import PRESETS, DiTConfig, MicroDiT, count_params, train_flops_per_image
@@ -162,20 +163,12 @@ def checkpoints(folder):
     return sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")))
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, flush to disk, then rename: a crash at any moment leaves
-    either the old file set or the new one, never a truncated checkpoint."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(folder, state, keep):
+    """Atomic (temporary file, fsync, rename): a crash at any moment leaves the previous
+    checkpoints and never a truncated one."""
     os.makedirs(folder, exist_ok=True)
-    save_atomic(state, os.path.join(folder, f"ckpt_{state['step']:09d}.pt"))
+    path = os.path.join(folder, f"ckpt_{state['step']:09d}.pt")
+    atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoints(folder)[:-keep]:
         os.remove(old)
 
@@ -306,9 +299,9 @@ def accumulating(model, raw, sync):
     return nullcontext()
 
 
-def bucket_losses(per_sample, sigma):
+def bucket_losses(per_sample, sigma, edges):
     """Sums and counts of the per-sample loss in each noise-level bucket, [2, B+1]."""
-    ids = torch.bucketize(sigma.detach().float(), torch.tensor(SIGMA_BUCKETS, device=sigma.device))
+    ids = torch.bucketize(sigma.detach().float(), edges)
     sums = torch.zeros(len(SIGMA_BUCKETS) + 1, device=sigma.device)
     counts = torch.zeros_like(sums)
     sums.index_add_(0, ids, per_sample.detach().float())
@@ -348,7 +341,6 @@ def main(argv=None):
     cfg = resolve_config(args)
     if args.export:
         return export_weights(cfg, args.export)
-    from data import LatentLoader, data_info, ensure_demo_data
 
     rank, world, local_rank, device = setup_distributed()
     master = rank == 0
@@ -450,6 +442,7 @@ def main(argv=None):
                dynamic_ncols=True)
     bad_in_a_row, skipped = 0, 0
     T = (H // model_cfg.patch_size) ** 2
+    bucket_edges = torch.tensor(SIGMA_BUCKETS, device=device)
     while step < end:
         t0 = time.perf_counter()
         phase_step = step - phase_start
@@ -479,7 +472,7 @@ def main(argv=None):
                     loss = loss + cfg["aux_loss_weight"] * raw.aux_loss()
             (loss / accum).backward()
             loss_sum += per_sample.detach().mean()
-            buckets += bucket_losses(per_sample, sigma)
+            buckets += bucket_losses(per_sample, sigma, bucket_edges)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
         if isinstance(grad_norm, DTensor):
