@@ -4,6 +4,10 @@
     python bench.py --preset MicroDiT_XL_2 --phase 1 --batch-size 256 --compile on   # one H100
     python bench.py --compile both                      # eager and compiled, side by side
     python bench.py --quick                             # CI: tiny preset, a few steps
+    python bench.py --preset MicroDiT_XL_2 --batch-size 256 --compile on --max-memory-gb 79
+                                                        # does it fit 80 GB? (on a larger card)
+    python bench.py --preset MicroDiT_XL_2 --batch-size 256 --attention --skip train sample data
+                                                        # every attention shape, every backend
 
 Every comparison (mask 0.75 against mask 0, compiled against eager) is measured side by
 side: the variants take turns, one timed step each, and each figure is the median over its
@@ -38,6 +42,19 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def cap_memory(device, gb):
+    """Make the CUDA allocator refuse to hold more than `gb` GiB, so that a card with more
+    memory shows whether a run fits a smaller one (an H200's 141 GB standing in for 80 GB)."""
+    if device.type != "cuda":
+        raise SystemExit("--max-memory-gb needs a CUDA device (it caps the CUDA allocator)")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gb * 2**30 > total:
+        raise SystemExit(f"--max-memory-gb {gb} is more than the card's "
+                         f"{total / 2**30:.1f} GiB")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(gb * 2**30 / total, index)
 
 
 def make_batch(cfg, batch_size, device, seed=0):
@@ -89,9 +106,9 @@ def bench_training(args, cfg, device, autocast, peak):
             variants[(kind, m)] = (lambda model=models[kind], m=m: train_step(
                 model, optimizer, x, y, m, phase["p_mean"], phase["p_std"], phase["grad_clip"],
                 autocast))
-    if args.profile:  # where the time of a step goes, by operator
+    if args.profile:  # where the time of a step goes, by operator (compiled when compiling)
         from torch.profiler import ProfilerActivity, profile
-        fn = variants[(kinds[0], masks[-1])]
+        fn = variants[(kinds[-1], masks[-1])]
         fn()
         activities = [ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -99,8 +116,8 @@ def bench_training(args, cfg, device, autocast, peak):
         with profile(activities=activities) as prof:
             fn()
             fn()
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=20))
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=30))
     t0 = time.perf_counter()
     seconds = alternate(variants, args.rounds, args.warmup, device)
     rows = []
@@ -111,6 +128,8 @@ def bench_training(args, cfg, device, autocast, peak):
                      "mfu": flops / s / peak if peak else None})
     result = {"rows": rows, "wall_s": time.perf_counter() - t0,
               "peak_memory_gb": peak_memory_gb(device)}
+    if device.type == "cuda":  # what the allocator held: the figure that decides a fit
+        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
     masked = max(masks)
     if 0.0 in masks and masked > 0:
         flop_ratio = (train_flops_per_image(cfg, mask_ratio=0.0)
@@ -140,6 +159,53 @@ def bench_sampling(args, cfg, device, autocast):
     return {"steps": args.sample_steps, "batch": args.sample_batch, "cfg": 5.0,
             "network_calls": 2 * args.sample_steps - 1, "seconds_per_batch": s,
             "seconds_per_image": s / args.sample_batch}
+
+
+def attention_shapes(cfg, batch_size, mask_ratio):
+    """(name, calls per step, batch, heads, query tokens, key tokens) of every attention in
+    one forward of the model, grouped by shape."""
+    from model import block_ratios, qkv_hidden
+    T, L, hd = (cfg.input_size // cfg.patch_size) ** 2, 77, cfg.head_dim
+    keep = int(T * (1 - mask_ratio)) if mask_ratio > 0 else T
+    mixer_T = keep if cfg.mask_before_mixer else T
+    shapes = {("caption self", L, L, cfg.dim // hd): 1}
+    Dm, n = cfg.patch_mixer_dim, cfg.patch_mixer_depth
+    if n:
+        mixer_heads = qkv_hidden(Dm, cfg.patch_mixer_qkv_ratio, hd) // hd
+        shapes[("mixer self", mixer_T, mixer_T, mixer_heads)] = n
+        shapes[("mixer cross", mixer_T, L, Dm // hd)] = n
+    for r in block_ratios(cfg.qkv_ratio, cfg.depth):
+        key = ("backbone self", keep, keep, qkv_hidden(cfg.dim, r, hd) // hd)
+        shapes[key] = shapes.get(key, 0) + 1
+    shapes[("backbone cross", keep, L, cfg.dim // hd)] = cfg.depth
+    return [(name, calls, batch_size, heads, tq, tk)
+            for (name, tq, tk, heads), calls in shapes.items()]
+
+
+def bench_attention(args, cfg, device, dtype):
+    """Forward + backward time of scaled_dot_product_attention for each attention shape of
+    the model, under each backend PyTorch has (a backend that refuses a shape is skipped)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = ["MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
+    dtype = dtype or torch.float32
+    rows = []
+    for name, calls, N, H, tq, tk in attention_shapes(cfg, args.batch_size, max(args.masks)):
+        q = torch.randn(N, H, tq, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(N, H, tk, cfg.head_dim, device=device, dtype=dtype,
+                            requires_grad=True) for _ in range(2))
+        grad = torch.randn_like(q)
+        row = {"shape": name, "calls": calls, "q": [N, H, tq, cfg.head_dim], "keys": tk}
+        for backend in backends:
+            def run(backend=backend):
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                out.backward(grad)
+            try:
+                row[backend] = 1000 * alternate({"a": run}, args.rounds, args.warmup, device)["a"]
+            except RuntimeError:  # "No available kernel": this backend refuses the shape
+                row[backend] = None
+        rows.append(row)
+    return rows
 
 
 def bench_data(args):
@@ -180,9 +246,13 @@ def main(argv=None):
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--data-batch", type=int, default=2048)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
+    p.add_argument("--attention", action="store_true", help="time each attention shape of the "
+                                                            "model under every SDPA backend")
     p.add_argument("--profile", action="store_true", help="print an operator profile of two "
                                                            "training steps first")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--max-memory-gb", type=float, help="CUDA: refuse allocations beyond this, "
+                                                       "to check a fit on a smaller card")
     p.add_argument("--quick", action="store_true", help="CI smoke run: MicroDiT_CPU_2, 16x16 "
                                                         "input, 2 rounds, 3 sampling steps")
     p.add_argument("--json", help="also write the results here")
@@ -201,13 +271,26 @@ def main(argv=None):
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads")
-    results = {"preset": args.preset, "params": count_params(MicroDiT(cfg)), "phase": args.phase,
+    if args.max_memory_gb:
+        cap_memory(device, args.max_memory_gb)
+    with torch.device("meta"):  # counts without allocating
+        params = count_params(MicroDiT(cfg))
+    results = {"preset": args.preset, "params": params, "phase": args.phase,
                "latent": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
                "batch_size": args.batch_size, "dtype": str(dtype or torch.float32),
                "device": machine, "torch": torch.__version__,
                "peak_tflops": peak / 1e12 if peak else None,
+               "max_memory_gb": args.max_memory_gb,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(results))
+    if args.attention:
+        results["attention"] = bench_attention(args, cfg, device, dtype)
+        names = ["MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
+        print("attention, forward + backward, ms per call: shape, calls per step, q shape, "
+              "keys, " + ", ".join(names))
+        for row in results["attention"]:
+            times = ", ".join("-" if row[b] is None else f"{row[b]:.3f}" for b in names)
+            print(f"  {row['shape']}, {row['calls']}, {row['q']}, {row['keys']}: {times}")
     if "train" not in args.skip:
         results["train"] = bench_training(args, cfg, device, autocast, peak)
         for row in results["train"]["rows"]:
@@ -221,7 +304,9 @@ def main(argv=None):
                   f"of the FLOP ratio")
         for m, s in results["train"].get("compile_speedup", {}).items():
             print(f"torch.compile at mask {m}: {s:.2f}x eager")
-        print(f"peak memory {results['train']['peak_memory_gb']:.2f} GiB")
+        reserved = results["train"].get("peak_reserved_gb")
+        print(f"peak memory {results['train']['peak_memory_gb']:.2f} GiB"
+              + (f" allocated, {reserved:.2f} GiB reserved" if reserved else ""))
     if "sample" not in args.skip:
         results["sample"] = bench_sampling(args, cfg, device, autocast)
         s = results["sample"]

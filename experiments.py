@@ -73,7 +73,7 @@ def train_run(out, name, mask_ratio, overrides, steps, batch, data, seed):
             "--mask-ratio", str(mask_ratio), "--model", json.dumps(overrides),
             "--ema-decay", "0", "--warmup", str(max(1, steps // 15)),
             "--ckpt-every", str(steps), "--sample-every", str(steps), "--keep", "1"]
-    train.main(argv)  # resumes, or does nothing, when the folder holds this run already
+    train.cli(argv)  # resumes, or does nothing, when the folder holds this run already
     log = [json.loads(line) for line in open(os.path.join(folder, "phase1", "log.jsonl"))]
     return folder, {"ms_per_step": statistics.median(r["ms_per_step"] for r in log[5:] or log)}
 

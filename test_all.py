@@ -1456,6 +1456,25 @@ def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatc
     assert [r["skipped"] for r in logged(tmp_path)[-3:]] == [1, 2, 3]
 
 
+def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_path,
+                                                               monkeypatch):
+    train.main(train_args(train_data, tmp_path, "--steps", "3"))
+    folder = str(tmp_path / "phase1")
+    before = train.checkpoints(folder)
+
+    def out_of_memory(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 224.00 MiB.")
+
+    monkeypatch.setattr(train, "edm_loss_per_sample", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        train.cli(train_args(train_data, tmp_path, "--steps", "6"))
+    message = str(stop.value)
+    assert message.startswith("CUDA out of memory. Tried to allocate 224.00 MiB.")
+    assert "--micro-batch N" in message and "--activation-checkpointing" in message
+    assert train.checkpoints(folder) == before
+    assert train.load_checkpoint(before[-1])["step"] == 3
+
+
 def test_export_loads_in_sample(train_data, tmp_path):
     import sample
     train.main(train_args(train_data, tmp_path, "--steps", "3", "--ema-decay", "0.9",
@@ -1952,6 +1971,42 @@ def test_bench_quick_mode_runs_and_reports_consistent_figures(tmp_path):
     assert masking["speedup"] == pytest.approx(rows[0.0]["ms_per_step"] / rows[0.75]["ms_per_step"])
     assert results["sample"]["network_calls"] == 5 and results["sample"]["seconds_per_image"] > 0
     assert results["data"]["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("mask_before_mixer", [False, True])
+def test_bench_attention_shapes_are_the_models_attention_calls(monkeypatch, mask_before_mixer):
+    import bench
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], mask_before_mixer=mask_before_mixer)
+    calls = collections.Counter()
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        calls[(*q.shape, k.shape[2])] += 1
+        return sdpa(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size)
+    with torch.no_grad():
+        MicroDiT(cfg)(x, torch.ones(3), torch.randn(3, 77, cfg.caption_channels), mask_ratio=0.75)
+    listed = collections.Counter()
+    for name, n, N, H, tq, tk in bench.attention_shapes(cfg, 3, 0.75):
+        listed[(N, H, tq, cfg.head_dim, tk)] += n
+    assert listed == calls
+
+
+def test_bench_attention_times_every_backend_the_device_has():
+    import bench
+    results = bench.main(["--quick", "--attention", "--skip", "train", "sample", "data",
+                          "--masks", "0.75"])
+    assert len(results["attention"]) == len(bench.attention_shapes(
+        dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=16), 4, 0.75))
+    for row in results["attention"]:
+        assert row["MATH"] > 0 and row["CUDNN_ATTENTION"] is None  # no cuDNN on a CPU
+
+
+def test_bench_memory_cap_needs_cuda():
+    import bench
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        bench.main(["--quick", "--max-memory-gb", "10", "--skip", "train", "sample", "data"])
 
 
 # ----------------------------------------------------------------------------- experiments.py

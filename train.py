@@ -555,5 +555,24 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+OUT_OF_MEMORY_ADVICE = """\
+train.py ran out of GPU memory (above). Checkpoints already written are intact: change the
+command and run it again to resume from the latest. To use less memory per GPU:
+  --micro-batch N            smaller micro-batches; the global --batch-size stays the same,
+                             reached with more accumulation steps
+  --compile                  on by default on CUDA: phase 1 of MicroDiT_XL_2 at micro-batch
+                             256 needs about 66 GiB compiled and 87 GiB eager (BENCHMARKS.md)
+  --activation-checkpointing recompute activations in the backward (about 1/3 more compute)
+  --fsdp                     shard weights, gradients and optimizer state over the GPUs"""
+
+
+def cli(argv=None):
+    """main(), with running out of GPU memory turned into advice instead of a stack trace."""
+    try:
+        main(argv)
+    except torch.cuda.OutOfMemoryError as e:
+        sys.exit(f"{str(e).splitlines()[0]}\n\n{OUT_OF_MEMORY_ADVICE}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()
