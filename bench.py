@@ -29,7 +29,7 @@ import torch
 
 from diffusion import edm_loss, heun_sample
 from model import PRESETS, MicroDiT, count_params, train_flops_per_image
-from train import PHASES, peak_flops
+from train import COMPILE_MODES, PHASES, peak_flops
 
 
 def sync(device):
@@ -97,7 +97,7 @@ def bench_training(args, cfg, device, autocast, peak):
     raw = MicroDiT(cfg).to(device)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-5, fused=True)
     x, y = make_batch(cfg, args.batch_size, device)
-    models = {"eager": raw, "compiled": torch.compile(raw)}
+    models = {"eager": raw, "compiled": torch.compile(raw, mode=args.compile_mode)}
     kinds = {"off": ["eager"], "on": ["compiled"], "both": ["eager", "compiled"]}[args.compile]
     masks = args.masks
     variants = {}
@@ -149,7 +149,8 @@ def bench_sampling(args, cfg, device, autocast):
     """Seconds per image of a full Heun run with guidance (both halves in one batch)."""
     torch.manual_seed(0)
     net = MicroDiT(cfg).to(device).eval()
-    model = torch.compile(net) if args.compile in ("on", "both") else net
+    compiled = args.compile in ("on", "both")
+    model = torch.compile(net, mode=args.compile_mode) if compiled else net
     noise, y = make_batch(cfg, args.sample_batch, device, seed=1)
 
     def run():
@@ -237,6 +238,10 @@ def main(argv=None):
                                                            "the phase's; the masking speedup "
                                                            "compares 0 with the largest)")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    p.add_argument("--model", default="{}", help="JSON of DiTConfig overrides, e.g. "
+                                                 "'{\"depth\": 8}' to try a change on fewer "
+                                                 "blocks, which compile faster")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 autocast on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -264,7 +269,8 @@ def main(argv=None):
     args.masks = sorted(set(args.masks or [0.0, PHASES[args.phase]["mask_ratio"]]))
 
     device = torch.device(args.device)
-    cfg = dataclasses.replace(PRESETS[args.preset], input_size=args.res // 8)
+    cfg = dataclasses.replace(PRESETS[args.preset], input_size=args.res // 8,
+                              **json.loads(args.model))
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
              "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -275,7 +281,8 @@ def main(argv=None):
         cap_memory(device, args.max_memory_gb)
     with torch.device("meta"):  # counts without allocating
         params = count_params(MicroDiT(cfg))
-    results = {"preset": args.preset, "params": params, "phase": args.phase,
+    results = {"preset": args.preset, "model": json.loads(args.model), "params": params,
+               "phase": args.phase, "compile_mode": args.compile_mode,
                "latent": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
                "batch_size": args.batch_size, "dtype": str(dtype or torch.float32),
                "device": machine, "torch": torch.__version__,

@@ -1456,6 +1456,15 @@ def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatc
     assert [r["skipped"] for r in logged(tmp_path)[-3:]] == [1, 2, 3]
 
 
+def test_compile_mode_reaches_torch_compile(train_data, tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    train.main(train_args(train_data, tmp_path, "--steps", "1", "--compile", "--compile-mode",
+                          "max-autotune-no-cudagraphs"))
+    assert modes == ["max-autotune-no-cudagraphs"]
+    assert final_checkpoint(tmp_path)["config"]["compile_mode"] == "max-autotune-no-cudagraphs"
+
+
 def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_path,
                                                                monkeypatch):
     train.main(train_args(train_data, tmp_path, "--steps", "3"))
@@ -2001,6 +2010,21 @@ def test_bench_attention_times_every_backend_the_device_has():
         dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=16), 4, 0.75))
     for row in results["attention"]:
         assert row["MATH"] > 0 and row["CUDNN_ATTENTION"] is None  # no cuDNN on a CPU
+
+
+def test_bench_model_overrides_and_compile_mode_reach_the_model(monkeypatch):
+    import bench
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    results = bench.main(["--quick", "--model", '{"depth": 2, "num_experts": 0}', "--compile",
+                          "on", "--compile-mode", "max-autotune-no-cudagraphs", "--skip", "data"])
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=16, depth=2, num_experts=0)
+    assert results["params"] == count_params(MicroDiT(cfg))
+    assert results["model"] == {"depth": 2, "num_experts": 0}
+    for row in results["train"]["rows"]:
+        expected = model_lib.train_flops_per_image(cfg, mask_ratio=row["mask_ratio"]) * 4
+        assert row["tflops_per_s"] * 1e12 * row["ms_per_step"] / 1000 == pytest.approx(expected)
+    assert modes == ["max-autotune-no-cudagraphs"] * 2  # the training and the sampling network
 
 
 def test_bench_memory_cap_needs_cuda():

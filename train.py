@@ -50,6 +50,7 @@ PHASES = {
             ema_start=1_000, micro_batch=16, init="full"),
 }
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16
+COMPILE_MODES = ["default", "max-autotune-no-cudagraphs"]  # CUDA graphs: not with DDP/FSDP
 SIGMA_BUCKETS = [0.1, 0.5, 1.0, 2.0, 5.0]  # edges: loss per noise level shows what is learnt
 SAMPLE_PROMPTS = ["a photo of a cat", "a red sports car on a mountain road",
                   "a bowl of fruit on a wooden table", "an astronaut riding a horse"]
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="max-autotune-no-cudagraphs: minutes more compiling, tunes the "
+                        "matmuls and fuses their epilogues")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer "
@@ -119,8 +123,9 @@ def resolve_config(args):
         if value is not None and key != "phase":
             cfg[key] = value
     for key in ("preset", "data", "out", "batch_size", "weight_decay", "aux_loss_weight", "seed",
-                "compile", "dtype", "fsdp", "activation_checkpointing", "ckpt_every", "keep",
-                "sample_every", "max_bad_steps", "vae", "clip", "init", "demo"):
+                "compile", "compile_mode", "dtype", "fsdp", "activation_checkpointing",
+                "ckpt_every", "keep", "sample_every", "max_bad_steps", "vae", "clip", "init",
+                "demo"):
         cfg[key] = getattr(args, key)
     cfg["model"] = json.loads(args.model)
     return cfg
@@ -416,7 +421,7 @@ def main(argv=None):
         ema_obj = EMA(raw)
         ema_obj.state = {k: shard_as(ema[k], v) for k, v in ema_obj.state.items()}
 
-    model = torch.compile(raw) if use_compile else raw
+    model = torch.compile(raw, mode=cfg["compile_mode"]) if use_compile else raw
     if world > 1 and not fsdp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
