@@ -242,27 +242,41 @@ def main(argv=None):
         return 2
 
 
-def load_pipeline(ckpt, vae_name=None, clip_name=None, device="cpu", preset=None, res=None):
-    """The DiT of a checkpoint with its VAE (None: pixel space) and text encoder; names
-    default to those the checkpoint records, then to the released models'."""
-    state, config, info = read_checkpoint(ckpt)
-    vae_name = vae_name or info.get("vae")
-    clip_name = clip_name or info.get("clip") or DEFAULT_CLIP
+def load_encoders(vae_name, clip_name, latent_channels, caption_width, device="cpu"):
+    """(text encoder, VAE or None for pixel space) for a model on `latent_channels`-channel
+    latents and `caption_width`-wide caption features; names default to the released
+    models'. Refuses encoders that do not fit the model, before anything is generated."""
     vae = None
     if vae_name != PIXEL_SPACE:
+        if not vae_name and latent_channels not in DEFAULT_VAES:
+            raise ValueError(f"no released VAE has {latent_channels}-channel latents: pass "
+                             f"--vae (or --vae {PIXEL_SPACE} for a pixel-space model)")
         from vae import load_vae
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        channels = state["x_embedder.proj.weight"].shape[1]
-        vae = load_vae(resolve_vae(vae_name or DEFAULT_VAES[channels]), device, dtype)
+        vae = load_vae(resolve_vae(vae_name or DEFAULT_VAES[latent_channels]), device, dtype)
+        if vae.config.latent_channels != latent_channels:
+            raise ValueError(f"the VAE {vae_name!r} has {vae.config.latent_channels}-channel "
+                             f"latents but the model works on {latent_channels}: pass the "
+                             f"--vae the model was trained with")
+    clip_name = clip_name or DEFAULT_CLIP
+    text_encoder = load_text_encoder(clip_name, device)
+    if text_encoder.width != caption_width:
+        raise ValueError(f"the text encoder {clip_name!r} gives {text_encoder.width}-wide "
+                         f"features but the model expects {caption_width}: pass the --clip "
+                         f"the model was trained with")
+    return text_encoder, vae
+
+
+def load_pipeline(ckpt, vae_name=None, clip_name=None, device="cpu", preset=None, res=None):
+    """The DiT of a checkpoint with its text encoder and VAE (None: pixel space); names
+    default to those the checkpoint records, then to the released models'."""
+    state, config, info = read_checkpoint(ckpt)
+    text_encoder, vae = load_encoders(vae_name or info.get("vae"), clip_name or info.get("clip"),
+                                      state["x_embedder.proj.weight"].shape[1],
+                                      state["y_embedder.y_proj.fc1.weight"].shape[1], device)
     factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
     latent_size = res // factor if res else None
     net = build_dit(state, config, preset, latent_size, device, source=ckpt)
-    del state
-    text_encoder = load_text_encoder(clip_name, device)
-    if text_encoder.width != net.cfg.caption_channels:
-        raise ValueError(f"the text encoder {clip_name!r} gives {text_encoder.width}-wide "
-                         f"features but the model expects {net.cfg.caption_channels}: pass the "
-                         f"--clip the model was trained with")
     return Pipeline(net, text_encoder, vae, device)
 
 

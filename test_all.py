@@ -1456,6 +1456,39 @@ def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatc
     assert [r["skipped"] for r in logged(tmp_path)[-3:]] == [1, 2, 3]
 
 
+def test_training_on_mds_data_needs_the_encoders_for_sample_grids(tmp_path):
+    """MDS shards do not record their VAE and text encoder: a run that would draw sample
+    grids must be told them, and says so before its first step, not at its first grid."""
+    rng = np.random.default_rng(0)
+
+    def mds(name, width):
+        samples = [{"caption": f"caption {i}",
+                    "caption_latents": rng.standard_normal((77, width)).astype(np.float16),
+                    "latents_256": rng.standard_normal((4, 32, 32)).astype(np.float16),
+                    "latents_512": rng.standard_normal((4, 64, 64)).astype(np.float16)}
+                   for i in range(16)]
+        return _write_mds(tmp_path / name, [samples])
+
+    def args(data_dir, out, *extra):
+        return train_args(data_dir, tmp_path / out, "--res", "256", "--base-res", "256",
+                          "--steps", "2", *extra)
+    wide, narrow = mds("mds256", 256), mds("mds8", 8)
+    encoders = ["--vae", str(FIXTURES / "vae_tiny_4ch"), "--clip", "tiny-random"]
+    with pytest.raises(SystemExit, match="--vae and --clip.*--sample-every 0"):
+        train.main(args(wide, "a"))
+    assert not (tmp_path / "a" / "phase1").exists()  # stopped before the run began
+    with pytest.raises(SystemExit, match="256-wide features but the model expects 8"):
+        train.main(args(narrow, "b", *encoders))
+    train.main(args(wide, "c", "--sample-every", "0"))
+    assert [r["step"] for r in logged(tmp_path / "c")] == [1, 2]
+    assert not list((tmp_path / "c" / "phase1").glob("samples_*.png"))
+    train.main(args(wide, "d", *encoders))
+    grid = Image.open(tmp_path / "d" / "phase1" / "samples_000000002.png")
+    vae_config = json.loads((FIXTURES / "vae_tiny_4ch" / "config.json").read_text())
+    side = 32 * 2 ** (len(vae_config["block_out_channels"]) - 1)  # latents decoded to pixels
+    assert grid.mode == "RGB" and grid.size == (8 * side, side)  # 8 of the data's captions
+
+
 def test_compile_mode_reaches_torch_compile(train_data, tmp_path, monkeypatch):
     modes = []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
@@ -1587,14 +1620,15 @@ def test_shapes_metric_reads_renderings_back():
 
 
 import eval as ev  # noqa: E402
+import inception  # noqa: E402
 
 
 @pytest.fixture
 def small_inception(monkeypatch):
     """The random FID Inception run at 75 px (its smallest input) instead of 299: the same
     code path at 1/16 of the cost."""
-    monkeypatch.setattr(ev, "INCEPTION_SIZE", 75)
-    return ev.load_inception(ev.RANDOM)
+    monkeypatch.setattr(inception, "INCEPTION_SIZE", 75)
+    return inception.load_inception(inception.RANDOM)
 
 
 def write_images(folder, seed, sizes, brightness=1.0):
@@ -1678,7 +1712,7 @@ def test_fid_inception_has_the_weight_files_names_and_shapes():
     """pytorch-fid loads pt_inception-2015-12-05-6726825d.pth strictly into torchvision's
     inception_v3(num_classes=1008, aux_logits=False): ours must have its every name and shape."""
     import torchvision
-    net = ev.load_inception(ev.RANDOM)
+    net = inception.load_inception(inception.RANDOM)
     tv = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False,
                                          init_weights=False)
     ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -1687,13 +1721,13 @@ def test_fid_inception_has_the_weight_files_names_and_shapes():
     assert ours["Mixed_7c.branch_pool.conv.weight"] == (192, 2048, 1, 1)
     assert not any(k.startswith("AuxLogits") for k in ours)
     assert sum(p.numel() for p in net.parameters()) == 23_850_960  # 21,785,568 + fc 2,065,392
-    assert ev.INCEPTION_SIZE == 299
+    assert inception.INCEPTION_SIZE == 299
 
 
 def test_fid_inception_weights_file_and_clear_errors(small_inception, tmp_path, monkeypatch,
                                                      capsys):
     torch.save(small_inception.state_dict(), tmp_path / "weights.pth")
-    loaded = ev.load_inception(str(tmp_path / "weights.pth"))
+    loaded = inception.load_inception(str(tmp_path / "weights.pth"))
     x = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(x), small_inception(x))
     assert loaded.name == "pt_inception-2015-12-05"
@@ -1701,14 +1735,14 @@ def test_fid_inception_weights_file_and_clear_errors(small_inception, tmp_path, 
     write_images(tmp_path / "a", 0, [(8, 8)] * 2)
     rc, err = run_main(capsys, "fid", "--real", tmp_path / "a", "--fake", tmp_path / "a",
                        "--inception", tmp_path / "missing.pth")
-    assert rc == 2 and ev.INCEPTION_URL in err
+    assert rc == 2 and inception.INCEPTION_URL in err
 
     def offline(*args, **kwargs):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(FileNotFoundError) as e:
-        ev.load_inception()
-    assert ev.INCEPTION_URL in str(e.value) and "--inception PATH" in str(e.value)
+        inception.load_inception()
+    assert inception.INCEPTION_URL in str(e.value) and "--inception PATH" in str(e.value)
     assert os.path.join(torch.hub.get_dir(), "checkpoints") in str(e.value)
 
 
@@ -1735,12 +1769,12 @@ def test_fid_inception_is_torchvisions_trunk_with_the_fid_blocks(small_inception
 
 def test_tf_average_pool_leaves_the_padding_out():
     x = torch.ones(1, 1, 4, 4)
-    assert torch.equal(ev.tf_avg_pool(x), x)
+    assert torch.equal(inception.tf_avg_pool(x), x)
     default = F.avg_pool2d(x, 3, stride=1, padding=1)
     assert default[0, 0, 0, 0] == pytest.approx(4 / 9)  # corner: 4 of 9 pixels inside
     assert default[0, 0, 0, 1] == pytest.approx(6 / 9)  # edge: 6 of 9
     x = torch.arange(16.).reshape(1, 1, 4, 4)
-    assert ev.tf_avg_pool(x)[0, 0, 0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4)
+    assert inception.tf_avg_pool(x)[0, 0, 0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4)
 
 
 @pytest.mark.parametrize("name, pool_channels", [("Mixed_5b", 32), ("Mixed_6b", 192),
@@ -1750,7 +1784,7 @@ def test_fid_blocks_differ_from_torchvision_only_in_their_pool(name, pool_channe
     branch (the last channels) agrees inside and differs on the border for the average
     pools, and for Mixed_7c is the max pool's, everywhere."""
     from torchvision.models import inception as tvi
-    ours = getattr(ev.load_inception(ev.RANDOM), name)
+    ours = getattr(inception.load_inception(inception.RANDOM), name)
     cls = {"A": tvi.InceptionA, "C": tvi.InceptionC, "E": tvi.InceptionE}[type(ours).__name__[-1]]
     in_channels = ours.branch1x1.conv.in_channels
     kwargs = {"Mixed_5b": {"pool_features": 32}, "Mixed_6b": {"channels_7x7": 128}}.get(name, {})
@@ -1760,7 +1794,7 @@ def test_fid_blocks_differ_from_torchvision_only_in_their_pool(name, pool_channe
     with torch.no_grad():
         a, b = ours(x), theirs(x)
         expected_pool = ours.branch_pool(F.max_pool2d(x, 3, stride=1, padding=1)
-                                         if name == "Mixed_7c" else ev.tf_avg_pool(x))
+                                         if name == "Mixed_7c" else inception.tf_avg_pool(x))
     torch.testing.assert_close(a[:, :-pool_channels], b[:, :-pool_channels], rtol=0, atol=0)
     torch.testing.assert_close(a[:, -pool_channels:], expected_pool, rtol=0, atol=0)
     inner = (slice(None), slice(-pool_channels, None), slice(1, -1), slice(1, -1))

@@ -95,7 +95,8 @@ def parse_args(argv=None):
                         "about a third more compute")
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept per phase")
-    p.add_argument("--sample-every", type=int, default=5000)
+    p.add_argument("--sample-every", type=int, default=5000,
+                   help="steps between sample grids (0: none)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many "
                                                                 "non-finite steps in a row")
     p.add_argument("--vae", help="VAE for sample grids (default: the data's)")
@@ -320,23 +321,33 @@ def bucket_names():
 
 
 @torch.no_grad()
-def save_sample_grid(net_state, model_cfg, cfg, data_info, step, device):
+def grid_encoders(cfg, info, model_cfg):
+    """The text encoder and VAE for sample grids, loaded once on the CPU at the start, so
+    that one the run cannot have stops it before its first step, not at its first grid."""
+    from sample import load_encoders
+    vae_name, clip_name = cfg["vae"] or info.get("vae"), cfg["clip"] or info.get("clip")
+    if not (vae_name and clip_name):
+        sys.exit(f"sample grids need the VAE and text encoder the data was made with, and "
+                 f"{cfg['data']} does not record them (MDS shards never do): pass --vae and "
+                 f"--clip as for sample.py, or --sample-every 0 to train without grids")
+    try:
+        return load_encoders(vae_name, clip_name, model_cfg.in_channels,
+                             model_cfg.caption_channels)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"sample grids: {e}\n(--sample-every 0 trains without grids)")
+
+
+def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device):
     """A grid of samples for fixed prompts, for watching training progress."""
     from sample import build_dit, generate, grid_image, to_pil
-    from text import load_text_encoder
-    vae_name = cfg["vae"] or data_info.get("vae", "none")
-    clip_name = cfg["clip"] or data_info.get("clip", "tiny-random")
+    text_encoder, vae = (m if m is None else m.to(device) for m in encoders)
     net = build_dit(net_state, dataclasses.asdict(model_cfg), device=device)
-    prompts = data_info.get("sample_prompts") or SAMPLE_PROMPTS
-    vae = None
-    if vae_name != "none":
-        from vae import load_vae
-        vae = load_vae(vae_name, device)
-    images = generate(net, load_text_encoder(clip_name, device), vae, prompts, seed=0, steps=20,
-                      cfg=3.0, batch_size=16, device=device)
-    path = os.path.join(phase_dir(cfg["out"], cfg["phase"]), f"samples_{step:09d}.png")
+    images = generate(net, text_encoder, vae, prompts, seed=0, steps=20, cfg=3.0,
+                      batch_size=16, device=device)
     grid_image([to_pil(im) for im in images], min(8, len(prompts))).save(path)
-    return path
+    for m in encoders:  # back to the CPU: the training step wants the GPU's memory
+        if m is not None:
+            m.to("cpu")
 
 
 # ----------------------------------------------------------------------------- main
@@ -386,6 +397,8 @@ def main(argv=None):
         model_cfg = dataclasses.replace(PRESETS[cfg["preset"]], in_channels=C, input_size=H,
                                         caption_channels=loader.caption_shape[-1],
                                         pos_interp_scale=pos_interp, **cfg["model"])
+    encoders = grid_encoders(cfg, info, model_cfg) if master and cfg["sample_every"] else None
+    prompts = info.get("sample_prompts") or SAMPLE_PROMPTS
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP keeps its own)
     raw = MicroDiT(model_cfg).to(device)
     torch.manual_seed(cfg["seed"] + rank)
@@ -531,7 +544,8 @@ def main(argv=None):
 
         # --- checkpoint and samples
         save_now = step % cfg["ckpt_every"] == 0 or step == end
-        sample_now = step % cfg["sample_every"] == 0 or step == end
+        sample_now = cfg["sample_every"] > 0 and (step % cfg["sample_every"] == 0
+                                                  or step == end)
         if save_now or sample_now:
             model_state = gathered(raw.state_dict())
             ema_state = gathered(ema_obj.state) if ema_obj else None
@@ -550,7 +564,8 @@ def main(argv=None):
                     "loader": loader.state_dict(), "rng": rng, "vae": info.get("vae"),
                     "clip": info.get("clip")}, cfg["keep"])
         if master and sample_now:
-            path = save_sample_grid(ema_state or model_state, model_cfg, cfg, info, step, device)
+            path = os.path.join(folder, f"samples_{step:09d}.png")
+            save_sample_grid(ema_state or model_state, model_cfg, encoders, prompts, path, device)
             tqdm.write(f"step {step}: samples in {path}")
     bar.close()
     if master:
