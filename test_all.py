@@ -1498,6 +1498,13 @@ def test_compile_mode_reaches_torch_compile(train_data, tmp_path, monkeypatch):
     assert final_checkpoint(tmp_path)["config"]["compile_mode"] == "max-autotune-no-cudagraphs"
 
 
+def test_missing_data_is_a_message_not_a_stack_trace(tmp_path):
+    with pytest.raises(SystemExit, match="no training data: give --data"):
+        train.cli(["--out", str(tmp_path), "--no-compile"])
+    with pytest.raises(SystemExit, match=r"error: .*nowhere: no index.json.*data.py prepare"):
+        train.cli(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--no-compile"])
+
+
 def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_path,
                                                                monkeypatch):
     train.main(train_args(train_data, tmp_path, "--steps", "3"))

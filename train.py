@@ -368,6 +368,10 @@ def main(argv=None):
     accum = batch_arithmetic(cfg["batch_size"], cfg["micro_batch"], world)
 
     # --- data
+    if not cfg["data"]:
+        sys.exit("no training data: give --data, a folder made by `python data.py prepare` "
+                 "(or 'DIR_A:0.6,DIR_B:0.4' to mix several, MDS folders included), or "
+                 "--data demo for the built-in shapes set (--demo runs the whole CPU demo)")
     if cfg["data"] == "demo":
         cfg["data"] = ensure_demo_data(os.path.join(cfg["out"], "demo_data"), master,
                                        res=cfg["res"])
@@ -587,9 +591,12 @@ command and run it again to resume from the latest. To use less memory per GPU:
 
 
 def cli(argv=None):
-    """main(), with running out of GPU memory turned into advice instead of a stack trace."""
+    """main(), with a missing file or running out of GPU memory said in a message instead
+    of a stack trace."""
     try:
         main(argv)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError as e:
         sys.exit(f"{str(e).splitlines()[0]}\n\n{OUT_OF_MEMORY_ADVICE}")
 
