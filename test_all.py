@@ -1498,6 +1498,25 @@ def test_compile_mode_reaches_torch_compile(train_data, tmp_path, monkeypatch):
     assert final_checkpoint(tmp_path)["config"]["compile_mode"] == "max-autotune-no-cudagraphs"
 
 
+def test_a_run_records_its_code_and_versions(train_data, tmp_path):
+    import subprocess
+    train.main(train_args(train_data, tmp_path, "--steps", "3"))
+    train.main(train_args(train_data, tmp_path, "--steps", "6"))  # resumes at step 3
+    folder = tmp_path / "phase1"
+    record = json.loads((folder / "config.json").read_text())
+    assert record["run"]["steps"] == 6 and record["torch"] == torch.__version__
+    here = Path(train.__file__).parent
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
+    assert record["git_commit"] == (git.stdout.strip() if git.returncode == 0 else None)
+    starts = sorted(p.name for p in (folder / "code").iterdir())
+    assert starts == ["start_000000000", "start_000000003"]
+    for start in starts:
+        for name in train.CODE_FILES:
+            assert (folder / "code" / start / name).read_bytes() == (here / name).read_bytes()
+    first = json.loads((folder / "code" / starts[0] / "config.json").read_text())
+    assert first["run"]["steps"] == 3  # each start keeps its own record
+
+
 def test_missing_data_is_a_message_not_a_stack_trace(tmp_path):
     with pytest.raises(SystemExit, match="no training data: give --data"):
         train.cli(["--out", str(tmp_path), "--no-compile"])

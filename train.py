@@ -17,10 +17,14 @@ import glob
 import json
 import math
 import os
+import platform
+import shutil
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
 
+import numpy
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -159,6 +163,41 @@ def micro_generator(seed, step, index, device):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+CODE_FILES = ("model.py", "mixer.py", "moe.py", "diffusion.py", "data.py", "train.py")
+
+
+def environment(device):
+    """Versions, device and code revision: what a run's numbers depend on besides its config."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+            return None
+    commit = git("rev-parse", "HEAD")
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "cuda": torch.version.cuda,
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else platform.processor() or platform.machine()),
+            "git_commit": commit,
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))
+            if commit else None}
+
+
+def record_run(folder, step, record):
+    """phaseN/config.json, and a copy of the code that trains as it is at this start, in
+    phaseN/code/start_STEP/: the run can be read and repeated whatever the files become."""
+    code = os.path.join(folder, "code", f"start_{step:09d}")
+    os.makedirs(code, exist_ok=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in CODE_FILES:
+        shutil.copy2(os.path.join(here, name), code)
+    for path in (os.path.join(folder, "config.json"), os.path.join(code, "config.json")):
+        atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+
 
 def phase_dir(out, phase):
     return os.path.join(out, f"phase{phase}")
@@ -445,10 +484,9 @@ def main(argv=None):
     flops_per_image = train_flops_per_image(model_cfg, H, cfg["mask_ratio"])
     peak = peak_flops(device)
     if master:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({"run": cfg, "model": dataclasses.asdict(model_cfg), "world_size": world,
-                       "accumulation": accum, "torch": torch.__version__}, f, indent=2)
+        record_run(folder, step, {"run": cfg, "model": dataclasses.asdict(model_cfg),
+                                  "world_size": world, "accumulation": accum,
+                                  **environment(device)})
         print(json.dumps(cfg, indent=2))
         print(model_cfg)
         print(f"{count_params(raw):,} parameters; global batch {cfg['batch_size']} = micro-batch "
