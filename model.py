@@ -402,7 +402,8 @@ class MicroDiT(nn.Module):
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2)          # (N, T, D)
         x = x + self.pos_embed
         y = self.y_emb_preprocess(self.y_embedder(y))                   # (N, L, D)
-        c = self.t_embedder(t.reshape(-1).expand(N)) + self.pooled_y_emb_process(y.mean(1))  # (N, D)
+        t_emb = self.t_embedder(t.reshape(-1).expand(N))                # (N, D)
+        c = t_emb + self.pooled_y_emb_process(y.mean(1))                # (N, D)
 
         if ids_keep is None and mask_ratio > 0:
             ids_keep = random_ids_keep(N, T, mask_ratio, x.device)

@@ -115,7 +115,8 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read it as a checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: cannot read it as a checkpoint "
+                              f"({type(e).__name__}: {e})") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
         return state, ckpt.get("model_config"), {k: ckpt.get(k) for k in ("vae", "clip", "step")}
@@ -134,8 +135,8 @@ def build_dit(state, config, preset=None, latent_size=None, device="cpu", source
     if preset is not None:
         cfg = PRESETS[preset]
         proj = state["x_embedder.proj.weight"]
-        cfg = dataclasses.replace(cfg, in_channels=proj.shape[1],
-                                  input_size=int(round(state["pos_embed"].shape[1] ** 0.5)) * proj.shape[2],
+        grid = int(round(state["pos_embed"].shape[1] ** 0.5))  # patches per side
+        cfg = dataclasses.replace(cfg, in_channels=proj.shape[1], input_size=grid * proj.shape[2],
                                   caption_channels=state["y_embedder.y_proj.fc1.weight"].shape[1])
     elif config is not None:
         cfg = DiTConfig.from_dict(config)
@@ -191,9 +192,10 @@ def generate(net, text_encoder, vae, prompts, seed, steps, cfg, batch_size, devi
     images = []
     for start in range(0, len(prompts), batch_size):
         y = text_encoder.encode(prompts[start:start + batch_size])
-        with autocast:
-            latents = heun_sample(net, noise[start:start + batch_size], y, steps, cfg)
-        out = latents if vae is None else vae.decode_from_scaled(latents.to(next(vae.parameters()).dtype))
+        with autocast:  # latents, or the image itself for a pixel-space model
+            out = heun_sample(net, noise[start:start + batch_size], y, steps, cfg)
+        if vae is not None:
+            out = vae.decode_from_scaled(out.to(next(vae.parameters()).dtype))
         images.append((out.float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(images)
 

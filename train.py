@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--phase", type=int, default=1, choices=PHASES)
     p.add_argument("--preset", default="MicroDiT_XL_2", choices=PRESETS)
-    p.add_argument("--data", help="prepared data: DIR or 'DIR_A:0.6,DIR_B:0.4' (weights), or 'demo'")
+    p.add_argument("--data", help="prepared data: DIR or 'DIR_A:0.6,DIR_B:0.4' (weights), "
+                                  "or 'demo'")
     p.add_argument("--out", default="runs/microdit", help="run directory (one folder per phase)")
     p.add_argument("--demo", action="store_true", help="CPU demo: MicroDiT_CPU_2 on the built-in "
                                                        "shapes data, about 10 minutes")
@@ -74,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--export", metavar="FILE", help="write the latest checkpoint's weights (EMA "
                                                     "when present) to FILE.safetensors and exit")
     # recipe overrides (default: the phase's value)
-    for name, kind in [("res", int), ("base_res", int), ("mask_ratio", float), ("steps", int), ("lr", float),
+    for name, kind in [("res", int), ("base_res", int), ("mask_ratio", float), ("steps", int),
+                       ("lr", float),
                        ("warmup", int), ("min_lr_ratio", float), ("grad_clip", float),
                        ("p_mean", float), ("p_std", float), ("ema_decay", float),
                        ("ema_start", int), ("micro_batch", int)]:
@@ -227,12 +229,13 @@ def previous_phase_checkpoint(cfg):
     prev = cfg["phase"] - 1
     found = checkpoints(phase_dir(cfg["out"], prev))
     if not found:
-        sys.exit(f"phase {cfg['phase']} starts from phase {prev}, but {phase_dir(cfg['out'], prev)} "
-                 f"has no checkpoint: run --phase {prev} first, or give --init CKPT")
+        sys.exit(f"phase {cfg['phase']} starts from phase {prev}, but "
+                 f"{phase_dir(cfg['out'], prev)} has no checkpoint: run --phase {prev} first, or give --init CKPT")
     ckpt = load_checkpoint(found[-1])
     if ckpt["phase_step"] < ckpt["config"]["steps"]:
-        sys.exit(f"phase {prev} stopped at step {ckpt['phase_step']} of {ckpt['config']['steps']}:"
-                 f" resume it (--phase {prev}) before starting phase {cfg['phase']}, or give --init")
+        sys.exit(f"phase {prev} stopped at step {ckpt['phase_step']} of "
+                 f"{ckpt['config']['steps']}: resume it (--phase {prev}) before starting phase "
+                 f"{cfg['phase']}, or give --init")
     return ckpt
 
 
