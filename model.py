@@ -119,6 +119,12 @@ def sincos_pos_embed(dim, grid_size, base_size, interp_scale):
     return torch.cat([encode(grid_x), encode(grid_y)], dim=1).float()   # (g*g, dim)
 
 
+def pos_embed_of(cfg):
+    """The model's fixed position embedding [1, T, D] for cfg's input size and scale."""
+    grid = cfg.input_size // cfg.patch_size
+    return sincos_pos_embed(cfg.dim, grid, grid, cfg.pos_interp_scale).unsqueeze(0)
+
+
 def timestep_embedding(t, dim, max_period=10000):
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
@@ -309,9 +315,7 @@ class MicroDiT(nn.Module):
         # and recompute the rest, about a third more compute for much less memory
         self.activation_checkpointing = False
         D, p, C = cfg.dim, cfg.patch_size, cfg.in_channels
-        grid = cfg.input_size // p
-        self.register_buffer("pos_embed", sincos_pos_embed(D, grid, grid, cfg.pos_interp_scale)
-                             .unsqueeze(0))                             # (1, T, D)
+        self.register_buffer("pos_embed", pos_embed_of(cfg))            # (1, T, D)
         self.register_buffer("mask_token", torch.zeros(1, 1, p * p * C))
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv2d(C, D, kernel_size=p, stride=p)

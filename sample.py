@@ -21,7 +21,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from diffusion import heun_sample
-from model import PRESETS, DiTConfig, MicroDiT, sincos_pos_embed
+from model import PRESETS, DiTConfig, MicroDiT, pos_embed_of, sincos_pos_embed
 from text import DEFAULT_CLIP, load_text_encoder
 
 RELEASED_REPO = "VSehwag24/MicroDiT"
@@ -146,7 +146,7 @@ def build_dit(state, config, preset=None, latent_size=None, device="cpu", source
         scale = cfg.pos_interp_scale * latent_size / cfg.input_size
         cfg = dataclasses.replace(cfg, input_size=latent_size, pos_interp_scale=scale)
         state = {k: v for k, v in state.items() if k != "pos_embed"}
-    with torch.device("meta"):
+    with torch.device("meta"):  # no random initialisation to throw away (15 s for XL on a CPU)
         net = MicroDiT(cfg)
     expected = net.state_dict()
     bad = [f"missing {k}" for k in expected if k not in state and k != "pos_embed"]
@@ -156,9 +156,13 @@ def build_dit(state, config, preset=None, latent_size=None, device="cpu", source
     if bad:
         raise CheckpointError(f"{source} does not match {preset or 'its config'}: "
                               f"{len(bad)} mismatches, first: {', '.join(bad[:4])}")
-    net = MicroDiT(cfg)
-    net.load_state_dict(state, strict=False)  # pos_embed may be rebuilt for latent_size
-    return net.to(device).eval().requires_grad_(False)
+    # copies made on the device in the model's dtypes: nothing is shared with the caller's
+    # tensors (train.py passes its live weights), half-precision files load as float32
+    filled = {k: state[k].to(device, v.dtype, copy=True)
+              for k, v in expected.items() if k in state}
+    filled.setdefault("pos_embed", pos_embed_of(cfg).to(device))  # rebuilt for latent_size
+    net.load_state_dict(filled, assign=True)
+    return net.eval().requires_grad_(False)
 
 
 def slug(text, length=40):

@@ -1543,6 +1543,32 @@ def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_pa
     assert train.load_checkpoint(before[-1])["step"] == 3
 
 
+def test_build_dit_copies_the_state_it_is_given():
+    """train.py builds its sample-grid network from its live weights: the network must own
+    copies, and a half-precision file must give a float32 network, as before."""
+    from sample import build_dit
+    cfg = PRESETS["MicroDiT_CPU_2"]
+    torch.manual_seed(0)
+    live = MicroDiT(cfg)
+    state = live.state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    net = build_dit(state, dataclasses.asdict(cfg))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in live.parameters())          # untouched
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # the weights given stay
+    half = build_dit({k: v.half() for k, v in state.items()}, dataclasses.asdict(cfg))
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    # another latent size rebuilds pos_embed as the model itself would build it
+    bigger = build_dit(state, dataclasses.asdict(cfg), latent_size=2 * cfg.input_size)
+    scale = cfg.pos_interp_scale * 2
+    expected = MicroDiT(dataclasses.replace(cfg, input_size=2 * cfg.input_size,
+                                            pos_interp_scale=scale)).pos_embed
+    assert torch.equal(bigger.pos_embed, expected)
+
+
 def test_export_loads_in_sample(train_data, tmp_path):
     import sample
     train.main(train_args(train_data, tmp_path, "--steps", "3", "--ema-decay", "0.9",
