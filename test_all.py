@@ -556,10 +556,14 @@ def test_vae_fresh_init_any_multiple_of_downsampling():
 
 # ----------------------------------------------------------------------------- text features
 
-def test_text_features_are_open_clips_own_pre_pool_tokens(tmp_path):
+@pytest.mark.parametrize("layout", ["bin", "safetensors", "module-prefixed bin"])
+def test_text_features_are_open_clips_own_pre_pool_tokens(tmp_path, monkeypatch, layout):
     """Load a small open_clip CLIP through the real file path; our [N, 77, D] features,
-    pooled at the end token and projected, must equal open_clip's encode_text."""
+    pooled at the end token and projected, must equal open_clip's encode_text. Our own
+    loader reads the usual layouts; another (here a DDP 'module.' prefix) goes through
+    open_clip's."""
     import open_clip
+    import text
     from text import load_text_encoder
     arch = {"embed_dim": 32, "quick_gelu": True,
             "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
@@ -569,8 +573,21 @@ def test_text_features_are_open_clips_own_pre_pool_tokens(tmp_path):
     open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
     torch.manual_seed(0)
     reference = open_clip.create_model("tiny-clip-test", force_quick_gelu=True).eval()
-    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    state = reference.state_dict()
+    if layout == "safetensors":
+        save_file(state, tmp_path / "open_clip_model.safetensors")
+    else:
+        prefix = "module." if layout == "module-prefixed bin" else ""
+        torch.save({prefix + k: v for k, v in state.items()},
+                   tmp_path / "open_clip_pytorch_model.bin")
+    read = []
+    real_text_weights = text.text_weights
+    monkeypatch.setattr(text, "text_weights", lambda p: read.append(real_text_weights(p)) or read[-1])
     enc = load_text_encoder(str(tmp_path), arch="tiny-clip-test")
+    if layout != "module-prefixed bin":  # read and used as they are, without open_clip's loader
+        assert not any(k.startswith("visual.") for k in read[0])
+        assert all(torch.equal(v, state[k]) for k, v in read[0].items())
+        assert set(read[0]) == set(enc.tower.state_dict())
     assert type(enc.tower.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     prompts = ["a small red circle in the top left", "a cat"]
     feats = enc.encode(prompts)

@@ -98,6 +98,39 @@ def resolve_clip_weights(name):
                             + download_hint(repo))
 
 
+def text_weights(path):
+    """The tensors of an open_clip weights file but the image tower's, which are not read
+    (2.5 of DFN5B's 3.9 GB)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("visual.")}
+    try:  # mapped, so the image tower's bytes are never read
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if not k.startswith("visual.")}
+
+
+def load_text_tower(arch, path):
+    """open_clip's CLIP for `arch` with the text weights of `path` and no image tower. Built
+    on the meta device and filled with the file's tensors: no random initialisation of 1B
+    parameters to throw away. A file in another layout goes through open_clip's loader."""
+    import open_clip
+    with torch.device("meta"):
+        tower = open_clip.create_model(arch, force_quick_gelu=True, device="meta")
+    tower.visual = None  # 632M parameters the captions never need
+    state = text_weights(path)
+    if set(state) != set(tower.state_dict()):  # e.g. an older key layout open_clip converts
+        tower = open_clip.create_model(arch, pretrained=path, force_quick_gelu=True)
+        tower.visual = None
+        return tower
+    tower.load_state_dict(state, assign=True)
+    # the one buffer not in the file: open_clip's additive causal mask, -inf above the diagonal
+    tower.attn_mask = torch.full(tower.attn_mask.shape, float("-inf")).triu_(1)
+    return tower
+
+
 def load_text_encoder(name=DEFAULT_CLIP, device="cpu", dtype=torch.float32, arch=CLIP_ARCH):
     """A frozen TextEncoder from a hub id, a local file or folder, or 'tiny-random'.
     `arch` is the open_clip architecture the weights belong to."""
@@ -106,7 +139,5 @@ def load_text_encoder(name=DEFAULT_CLIP, device="cpu", dtype=torch.float32, arch
     if name == TINY_RANDOM:
         tower = tiny_random_tower()
     else:
-        tower = open_clip.create_model(arch, pretrained=resolve_clip_weights(name),
-                                       force_quick_gelu=True)
-        tower.visual = None  # 632M parameters the captions never need
+        tower = load_text_tower(arch, resolve_clip_weights(name))
     return TextEncoder(tower, tokenizer, name).to(device, dtype).eval().requires_grad_(False)
