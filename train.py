@@ -183,7 +183,7 @@ def environment(device):
     return {"python": platform.python_version(), "torch": torch.__version__,
             "numpy": numpy.__version__, "cuda": torch.version.cuda,
             "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                       else platform.processor() or platform.machine()),
+                       else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"),
             "git_commit": commit,
             "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))
             if commit else None}
