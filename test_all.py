@@ -1614,12 +1614,14 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "ddp accumulating", "fsdp"])
 def test_torchrun_two_processes_equal_one(train_data, tmp_path, mode):
     """gloo DDP (or FSDP2) on 2 CPU processes, micro-batch 4 each, equals one process
-    accumulating 2 micro-batches of 4: the same global batch of 8. FSDP checkpoints hold
-    whole tensors, so a sharded run also resumes exactly from one."""
-    args = train_args(train_data, "OUT", "--steps", "4", "--ckpt-every", "2", "--micro-batch", "4",
+    accumulating 2 micro-batches of 4: the same global batch of 8 ('ddp accumulating': 2
+    micro-batches of 2 per process, gradients all-reduced after the second only). FSDP
+    checkpoints hold whole tensors, so a sharded run also resumes exactly from one."""
+    micro = "2" if mode == "ddp accumulating" else "4"
+    args = train_args(train_data, "OUT", "--steps", "4", "--ckpt-every", "2", "--micro-batch", micro,
                       *(["--fsdp"] if mode == "fsdp" else []))
     run_train(args, tmp_path / "one")
     run_train(args, tmp_path / "two", processes=2)
