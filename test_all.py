@@ -1641,6 +1641,19 @@ def test_torchrun_two_processes_equal_one(train_data, tmp_path, mode):
                                        rtol=1e-5, atol=1e-12)
 
 
+def test_a_run_moves_between_world_sizes(train_data, tmp_path):
+    """2 processes (DDP) to step 2, then one process (accumulating 2) to step 4, equals one
+    process all the way: the checkpoint, the loader position and the noise are world-size
+    free."""
+    args = train_args(train_data, "OUT", "--steps", "4", "--ckpt-every", "2", "--micro-batch", "4")
+    run_train(args, tmp_path / "one")
+    run_train([*args, "--steps", "2"], tmp_path / "moved", processes=2)  # warmup: same lr
+    assert final_checkpoint(tmp_path / "moved")["step"] == 2
+    run_train(args, tmp_path / "moved")
+    assert final_checkpoint(tmp_path / "moved")["step"] == 4
+    assert_same_weights(final_checkpoint(tmp_path / "one"), final_checkpoint(tmp_path / "moved"))
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     from diffusion import edm_loss
     cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=8)
