@@ -339,6 +339,9 @@ def to_rgb(img, counts):
     return img.convert("RGB")
 
 
+MAX_ASPECT = 16  # longer side over shorter beyond which resize_center_crop resamples a box
+
+
 def resize_center_crop(img, res):
     """Short side to `res` (bicubic), then the centre `res` x `res` square: torchvision's
     Resize(res) + CenterCrop(res), the paper's transform."""
@@ -347,9 +350,16 @@ def resize_center_crop(img, res):
         size = (res, int(res * h / w))
     else:
         size = (int(res * w / h), res)
-    img = img.resize(size, Image.BICUBIC)
     left = int(round((size[0] - res) / 2.0))
     top = int(round((size[1] - res) / 2.0))
+    if max(size) > MAX_ASPECT * res:
+        # a strip (a 1 x 4,000 image would resize to 512 x 2,048,000: 3 GB): resample only
+        # the square that survives the crop. PIL's box path differs from the whole resize in
+        # the first row (by up to ~20 levels), so ordinary images take the exact path below
+        sx, sy = w / size[0], h / size[1]
+        box = (left * sx, top * sy, (left + res) * sx, (top + res) * sy)
+        return img.resize((res, res), Image.BICUBIC, box=box)
+    img = img.resize(size, Image.BICUBIC)
     return img.crop((left, top, left + res, top + res))
 
 

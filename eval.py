@@ -422,24 +422,59 @@ def render_set(attrs, res):
     return [unit_tensor(render_shapes(a, res)) for a in attrs]
 
 
-def evaluate_shapes(ckpt, n, seed, steps, cfg, device):
+def training_captions(ckpt, train_data=None):
+    """The captions a shapes model was trained on, to hold them out of its evaluation:
+    those of `train_data`, else of the data folder its train.py checkpoint names. 'none':
+    hold nothing out."""
+    if train_data == "none":
+        return set()
+    if train_data is None:
+        saved = (torch.load(ckpt, map_location="cpu", weights_only=True)
+                 if ckpt.endswith(".pt") else None)
+        train_data = ((saved.get("config") or {}).get("data") if isinstance(saved, dict)
+                      else None)
+        if not (train_data and os.path.isdir(train_data)):
+            raise ValueError(f"{ckpt} does not name a training data folder that exists here: "
+                             f"pass --train-data DIR so that the evaluation captions are held "
+                             f"out of it (or --train-data none to draw from all captions)")
+    from data import LatentDataset, parse_sources
+    captions = set()
+    for path, _ in parse_sources(train_data):
+        dataset = LatentDataset(path)
+        captions.update(dataset.caption(i) for i in range(dataset.num_samples))
+    return captions
+
+
+def held_out_attributes(rng, n, exclude):
+    """n random attributes whose captions are not in `exclude`: a caption names exactly one
+    image, so none of these was seen in training."""
+    asked = []
+    while len(asked) < n:
+        a = sample_attributes(rng)
+        if caption_of(a) not in exclude:
+            asked.append(a)
+    return asked
+
+
+def evaluate_shapes(ckpt, n, seed, steps, cfg, device, train_data=None):
     from sample import generate, load_dit
     from text import load_text_encoder
     net, info = load_dit(ckpt, device=device)
     if info.get("vae") not in (None, "none"):
         raise ValueError(f"{ckpt} was trained on VAE latents; the shapes metric expects a "
                          f"pixel-space model (data.py demo --vae none)")
-    rng = np.random.default_rng([seed, 7])  # held out: the data uses default_rng([seed, i])
-    asked = [sample_attributes(rng) for _ in range(n)]
+    seen = training_captions(ckpt, train_data)
+    asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
     images = generate(net, load_text_encoder(info.get("clip") or TINY_RANDOM, device), None,
                       [caption_of(a) for a in asked], seed=seed, steps=steps, cfg=cfg,
                       batch_size=64, device=device)
     scores = prompt_following(images, asked)
     real = render_set(asked, images.shape[-1])
-    other_rng = np.random.default_rng([seed, 8])
-    other = render_set([sample_attributes(other_rng) for _ in range(n)], images.shape[-1])
+    other = render_set(held_out_attributes(np.random.default_rng([seed, 8]), n, seen),
+                       images.shape[-1])
     scores["frechet"] = shapes_frechet(images, real)
     scores["frechet_real_vs_real"] = shapes_frechet(other, real)
+    scores["training_captions_held_out"] = len(seen)
     return scores, images, asked
 
 
@@ -458,6 +493,9 @@ def parse_args(argv=None):
     shapes.add_argument("--steps", type=int, default=30)
     shapes.add_argument("--cfg", type=float, default=3.0)
     shapes.add_argument("--grid", help="also save the first 32 images as a grid PNG here")
+    shapes.add_argument("--train-data", help="the data the model was trained on, whose "
+                                             "captions are held out (default: the folder its "
+                                             "checkpoint names; 'none': hold nothing out)")
 
     fid = sub.add_parser("fid", help="FID between two image folders")
     fid.add_argument("--real", required=True, help="folder of reference images")
@@ -509,7 +547,7 @@ def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.command == "shapes":
         scores, images, _ = evaluate_shapes(args.ckpt, args.n, args.seed, args.steps, args.cfg,
-                                            device)
+                                            device, args.train_data)
         if args.grid:
             from sample import grid_image, to_pil
             grid_image([to_pil(im) for im in images[:32]], 8).save(args.grid)

@@ -859,6 +859,27 @@ def test_resize_center_crop_matches_direct_pil():
         np.testing.assert_array_equal(np.asarray(data.resize_center_crop(img, res)), expected)
 
 
+def test_resize_center_crop_of_a_strip_stays_small(monkeypatch):
+    """A 1 x 4,000 strip at 512 would resize to 512 x 2,048,000 (3 GB) before the crop:
+    such strips resample only the square they keep."""
+    sizes = []
+    real_resize = Image.Image.resize
+    def recording(self, size, *args, **kwargs):
+        sizes.append(size)
+        return real_resize(self, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    strip = Image.new("RGB", (1, 4000), (200, 30, 90))
+    out = data.resize_center_crop(strip, 512)
+    assert out.size == (512, 512) and sizes == [(512, 512)]
+    assert np.all(np.asarray(out) == (200, 30, 90))
+    wide = Image.fromarray(np.tile(np.arange(4000, dtype=np.uint8)[None, :, None] % 251, (3, 1, 3)))
+    out = np.asarray(data.resize_center_crop(wide, 16)).astype(int)
+    # the centre of the strip, not its start: 16 pixels around column 2,000 of the upscaled row
+    exact = np.asarray(wide.resize((int(16 * 4000 / 3), 16), Image.BICUBIC)).astype(int)
+    left = round((int(16 * 4000 / 3) - 16) / 2)
+    assert np.abs(out[1:] - exact[1:, left:left + 16]).max() <= 1
+
+
 def test_decode_caption():
     counts = collections.Counter()
     assert data.decode_caption(b"  a cat\n", counts) == "a cat"
@@ -1431,6 +1452,33 @@ def test_phase_chaining(train_data, tmp_path):
     # and a phase cannot start before the previous one has finished
     with pytest.raises(SystemExit, match="run --phase 1 first"):
         train.main(train_args(train_data, tmp_path / "empty", "--phase", "2"))
+
+
+def test_init_follows_the_phase_and_takes_bare_weights(train_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["--steps", "2", "--ckpt-every", "2"]
+    train.main(train_args(train_data, out, *common))
+    p1 = train.checkpoints(str(out / "phase1"))[-1]
+    # phase 3 from --init: weights only, as phase 3 starts without --init
+    train.main(train_args(train_data, tmp_path / "p3", *common, "--phase", "3", "--res", "16",
+                          "--init", p1))
+    p3 = final_checkpoint(tmp_path / "p3", 3)
+    assert p3["step"] == 2 and p3["optimizer"]["state"][0]["step"] == 2  # a fresh optimizer
+    # phase 2 from --init: the full state, as phase 2 starts without --init
+    train.main(train_args(train_data, tmp_path / "p2", *common, "--phase", "2", "--init", p1))
+    assert final_checkpoint(tmp_path / "p2", 2)["optimizer"]["state"][0]["step"] == 4
+    # bare weights (an export; a released .pt is a bare state_dict) start with those weights
+    export = str(tmp_path / "weights.safetensors")
+    train.main(train_args(train_data, out, *common, "--export", export))
+    bare = str(tmp_path / "bare.pt")
+    torch.save(load_file(export), bare)
+    for path, name in [(export, "from_export"), (bare, "from_bare")]:
+        train.main(train_args(train_data, tmp_path / name, "--steps", "1", "--lr", "0",
+                              "--init", path))
+        ckpt = final_checkpoint(tmp_path / name)
+        assert ckpt["step"] == 1                                  # weights only: step 0 + 1
+        weights = load_file(export)
+        assert all(torch.equal(ckpt["model"][k], weights[k]) for k in weights)  # lr 0
 
 
 def test_ema_update_and_start():
@@ -2071,11 +2119,30 @@ def test_shapes_frechet_distance():
 
 def test_eval_shapes_reports_the_frechet_distance_and_its_floor(pixel_checkpoint):
     scores, images, asked = ev.evaluate_shapes(str(pixel_checkpoint), n=6, seed=3, steps=2,
-                                               cfg=2.0, device="cpu")
+                                               cfg=2.0, device="cpu", train_data="none")
     assert set(scores) == {"shape", "color", "size", "position", "all", "frechet",
-                           "frechet_real_vs_real"}
+                           "frechet_real_vs_real", "training_captions_held_out"}
+    assert scores["training_captions_held_out"] == 0
     assert scores["frechet"] == ev.shapes_frechet(images, ev.render_set(asked, 16))
     assert 0 < scores["frechet_real_vs_real"] != scores["frechet"]
+
+
+def test_eval_shapes_holds_the_training_captions_out(pixel_checkpoint, tmp_path):
+    folder = tmp_path / "train"
+    prepare(PrepareConfig(src="demo", out=str(folder), res=[16], vae="none", clip="tiny-random",
+                          format="demo", n=300))
+    dataset = data.LatentDataset(str(folder))
+    seen = {dataset.caption(i) for i in range(dataset.num_samples)}
+    assert seen == {data.caption_of(data.demo_attributes(0, i)) for i in range(300)}
+    assert ev.training_captions(str(pixel_checkpoint), str(folder)) == seen
+    asked = ev.held_out_attributes(np.random.default_rng([3, 7]), 400, seen)
+    assert len(asked) == 400 and not {data.caption_of(a) for a in asked} & seen
+    # without it, a draw of that size meets training captions: the check is not vacuous
+    rng = np.random.default_rng([3, 7])
+    drawn = {data.caption_of(data.sample_attributes(rng)) for _ in range(400)}
+    assert drawn & seen
+    with pytest.raises(ValueError, match="--train-data DIR"):
+        ev.training_captions(str(pixel_checkpoint))  # names no data folder
 
 
 # ----------------------------------------------------------------------------- bench.py

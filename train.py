@@ -224,6 +224,18 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def init_checkpoint(path):
+    """--init: a train.py checkpoint as it is, or bare weights (a released .pt, an exported
+    .safetensors) as a start that has weights only."""
+    if path.endswith(".pt"):
+        ckpt = load_checkpoint(path)
+        if isinstance(ckpt, dict) and "model_config" in ckpt and "optimizer" in ckpt:
+            return ckpt
+    from sample import infer_config, read_checkpoint
+    state, config, _ = read_checkpoint(path)
+    return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state))}
+
+
 def previous_phase_checkpoint(cfg):
     """Phase N > 1 starts from the final checkpoint of phase N - 1 in the same run."""
     prev = cfg["phase"] - 1
@@ -431,7 +443,7 @@ def main(argv=None):
     if resume:
         start = load_checkpoint(resume[-1])
     elif cfg["init"]:
-        start = load_checkpoint(cfg["init"])
+        start = init_checkpoint(cfg["init"])
     elif PHASES[cfg["phase"]]["init"] != "scratch":
         start = previous_phase_checkpoint(cfg)
     # positions are those of the phase-1 grid: 1.0 at 256px, 2.0 at 512px, as released
@@ -464,7 +476,9 @@ def main(argv=None):
                                   weight_decay=cfg["weight_decay"], fused=True)
     step, phase_start, ema = 0, 0, None
     if start is not None:
-        full_state = resume or cfg["init"] or PHASES[cfg["phase"]]["init"] == "full"
+        # the phase's own start (PHASES "init"), --init or not: phases 2 and 4 carry the
+        # optimizer and step on, phase 3 (and phase 1 from given weights) only the weights
+        full_state = resume or (PHASES[cfg["phase"]]["init"] == "full" and "optimizer" in start)
         if full_state:
             load_optimizer_state(optimizer, start["optimizer"])
             step = start["step"]
