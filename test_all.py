@@ -1375,8 +1375,20 @@ def final_checkpoint(out, phase=1):
 def test_batch_arithmetic():
     assert train.batch_arithmetic(2048, 256, 8) == 1
     assert train.batch_arithmetic(2048, 32, 8) == 8
-    with pytest.raises(AssertionError, match=r"multiple of micro-batch 48 x 8 processes = 384"):
+    with pytest.raises(ValueError, match=r"multiple of micro-batch 48 x 8 processes = 384: "
+                                         r"e.g. --micro-batch 16"):
         train.batch_arithmetic(2048, 48, 8)
+    # the README's 16-GPU case: micro-batch 256 is too big, 128 fits
+    with pytest.raises(ValueError, match=r"e.g. --micro-batch 128"):
+        train.batch_arithmetic(2048, 256, 16)
+    with pytest.raises(ValueError, match=r"e.g. --batch-size 1536 or 2304"):  # 3 processes
+        train.batch_arithmetic(2048, 256, 3)
+    for batch, micro, world in [(2048, 48, 8), (2048, 256, 16), (2048, 64, 2)]:
+        try:
+            train.batch_arithmetic(batch, micro, world)
+        except ValueError as e:
+            suggested = int(str(e).split("--micro-batch ")[1])
+            assert train.batch_arithmetic(batch, suggested, world) >= 1
 
 
 def test_learning_rate_schedules():
@@ -1587,6 +1599,15 @@ def test_missing_data_is_a_message_not_a_stack_trace(tmp_path):
         train.cli(["--out", str(tmp_path), "--no-compile"])
     with pytest.raises(SystemExit, match=r"error: .*nowhere: no index.json.*data.py prepare"):
         train.cli(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--no-compile"])
+
+
+def test_bad_flags_are_messages_not_stack_traces(train_data, tmp_path):
+    with pytest.raises(SystemExit, match=r"error: --model: \['depht'\] are not DiTConfig"):
+        train.cli(train_args(train_data, tmp_path, "--model", '{"depht": 2}'))
+    with pytest.raises(SystemExit, match="error: Expecting property name"):
+        train.cli(train_args(train_data, tmp_path, "--model", "{depth: 2}"))
+    with pytest.raises(SystemExit, match="error: global batch 8 must be a multiple"):
+        train.cli(train_args(train_data, tmp_path, "--micro-batch", "3"))
 
 
 def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_path,

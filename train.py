@@ -135,6 +135,10 @@ def resolve_config(args):
                 "demo"):
         cfg[key] = getattr(args, key)
     cfg["model"] = json.loads(args.model)
+    unknown = set(cfg["model"]) - {f.name for f in dataclasses.fields(DiTConfig)}
+    if unknown:
+        raise ValueError(f"--model: {sorted(unknown)} are not DiTConfig fields; they are "
+                         f"{[f.name for f in dataclasses.fields(DiTConfig)]}")
     return cfg
 
 
@@ -151,11 +155,15 @@ def learning_rate(cfg, phase_step):
 def batch_arithmetic(global_batch, micro_batch, world_size):
     """Gradient accumulation steps for a global batch; explains itself when they don't fit."""
     per_step = micro_batch * world_size
-    assert global_batch % per_step == 0, (
-        f"global batch {global_batch} must be a multiple of micro-batch {micro_batch} x "
-        f"{world_size} processes = {per_step}; change --batch-size or --micro-batch "
-        f"(e.g. --micro-batch {math.gcd(global_batch, micro_batch)})")
-    return global_batch // per_step
+    if global_batch % per_step == 0:
+        return global_batch // per_step
+    if global_batch % world_size == 0:
+        fix = f"--micro-batch {math.gcd(global_batch // world_size, micro_batch)}"
+    else:  # no micro-batch fits: the batch itself must change
+        below = global_batch // per_step * per_step
+        fix = f"--batch-size {below or per_step} or {below + per_step}"
+    raise ValueError(f"global batch {global_batch} must be a multiple of micro-batch "
+                     f"{micro_batch} x {world_size} processes = {per_step}: e.g. {fix}")
 
 
 def micro_generator(seed, step, index, device):
@@ -242,7 +250,8 @@ def previous_phase_checkpoint(cfg):
     found = checkpoints(phase_dir(cfg["out"], prev))
     if not found:
         sys.exit(f"phase {cfg['phase']} starts from phase {prev}, but "
-                 f"{phase_dir(cfg['out'], prev)} has no checkpoint: run --phase {prev} first, or give --init CKPT")
+                 f"{phase_dir(cfg['out'], prev)} has no checkpoint: run --phase {prev} first, "
+                 f"or give --init CKPT")
     ckpt = load_checkpoint(found[-1])
     if ckpt["phase_step"] < ckpt["config"]["steps"]:
         sys.exit(f"phase {prev} stopped at step {ckpt['phase_step']} of "
@@ -655,7 +664,7 @@ def cli(argv=None):
     of a stack trace."""
     try:
         main(argv)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # bad paths, data, flags: said in the message
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError as e:
         sys.exit(f"{str(e).splitlines()[0]}\n\n{OUT_OF_MEMORY_ADVICE}")
