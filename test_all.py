@@ -2,6 +2,7 @@
 the paper's released code produced (fixtures/), against slow obviously-correct loops, and
 against closed forms."""
 import dataclasses
+import glob
 import json
 import collections
 import io
@@ -1418,8 +1419,9 @@ def test_resume_after_interruption_is_exact(train_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "learning_rate", original)
     train.main(train_args(train_data, tmp_path / "b"))        # resumes from step 3
     a, b = logged(tmp_path / "a"), logged(tmp_path / "b")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 4, 5, 6]     # steps 4.. ran twice; 4 first lost
-    assert [r["loss"] for r in a] == [r["loss"] for r in b[:3] + b[4:]]
+    # step 4 ran twice (after the checkpoint at 3, before the crash); it is logged once
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
     ca, cb = final_checkpoint(tmp_path / "a"), final_checkpoint(tmp_path / "b")
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
 
@@ -1439,7 +1441,14 @@ def test_crash_while_saving_leaves_previous_checkpoint(train_data, tmp_path, mon
         train.main(train_args(train_data, tmp_path, "--steps", "6"))
     monkeypatch.setattr(torch, "save", real_save)
     assert train.checkpoints(folder) == before
+    assert not glob.glob(os.path.join(folder, "*.tmp-*"))      # no half file left behind
     assert train.load_checkpoint(before[-1])["step"] == 3
+    # a process killed mid-save leaves its temporary file: the next save removes it
+    stale = os.path.join(folder, "ckpt_000000006.pt.tmp-999999")
+    Path(stale).write_bytes(b"partial")
+    train.main(train_args(train_data, tmp_path, "--steps", "6"))
+    assert not os.path.exists(stale) and train.load_checkpoint(
+        train.checkpoints(folder)[-1])["step"] == 6
 
 
 def test_phase_chaining(train_data, tmp_path):
@@ -1531,6 +1540,7 @@ def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatc
     assert after["step"] == 3
     assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
     assert [r["skipped"] for r in logged(tmp_path)[-3:]] == [1, 2, 3]
+    assert [r["loss"] for r in logged(tmp_path)[-3:]] == [None] * 3  # strict JSON: null
 
 
 def test_training_on_mds_data_needs_the_encoders_for_sample_grids(tmp_path):

@@ -222,6 +222,8 @@ def save_checkpoint(folder, state, keep):
     """Atomic (temporary file, fsync, rename): a crash at any moment leaves the previous
     checkpoints and never a truncated one."""
     os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(folder, "ckpt_*.pt.tmp-*")):  # a killed save's
+        os.remove(stale)
     path = os.path.join(folder, f"ckpt_{state['step']:09d}.pt")
     atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoints(folder)[:-keep]:
@@ -230,6 +232,22 @@ def save_checkpoint(folder, state, keep):
 
 def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def open_log(path, step):
+    """The JSONL log for appending from `step` on: lines of steps after it (written before a
+    crash, and about to be run again) are dropped first, so each step has one line."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    return open(path, "a")
+
+
+def finite_or_null(record):
+    """NaN and infinity as null: strict JSON readers (jq, JavaScript) refuse NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
 
 
 def init_checkpoint(path):
@@ -525,7 +543,7 @@ def main(argv=None):
 
     # --- the loop
     end = phase_start + cfg["steps"]
-    log_file = open(os.path.join(folder, "log.jsonl"), "a") if master else None
+    log_file = open_log(os.path.join(folder, "log.jsonl"), step) if master else None
     from tqdm import tqdm
     bar = tqdm(total=cfg["steps"], initial=step - phase_start, disable=not master, unit="step",
                dynamic_ncols=True)
@@ -600,7 +618,7 @@ def main(argv=None):
                   "skipped": skipped,
                   **{name: s / c for name, s, c in zip(bucket_names(), sums, counts) if c}}
         if master:
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(json.dumps(finite_or_null(record)) + "\n")
             log_file.flush()
             mfu = f" mfu {100 * record['mfu']:.1f}%" if peak else ""
             bar.set_postfix_str(f"loss {stats[0]:.4f} gnorm {grad_norm:.3f} lr {lr:.2e} "
