@@ -34,6 +34,7 @@ import os
 import queue
 import tarfile
 import threading
+import sys
 import time
 import warnings
 import weakref
@@ -174,7 +175,7 @@ def _read_if_exists(path):
     try:
         with open(path, "rb") as f:
             return f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):  # a folder named like a caption is none
         return None
 
 
@@ -514,17 +515,18 @@ def finish_index(out, num_shards, info):
                 a = np.load(column_path(out, shard_name(i), column), mmap_mode="r")
                 columns[column] = {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
             break
-    if not columns:
-        raise RuntimeError(f"{out}: every sample was skipped; see the shard manifests' counts")
     counts = collections.Counter()
     for m in manifests:
         counts.update(m["counts"])
     num_samples = sum(m["samples"] for m in manifests)
-    _write_json(os.path.join(out, "summary.json"),
-                {"samples_written": num_samples, "records_seen": counts.pop("seen", 0),
-                 "skipped": {k: counts[k] for k in SKIP_REASONS if counts[k]},
-                 "converted": {k: v for k, v in sorted(counts.items())
-                               if k not in SKIP_REASONS and v}})
+    summary = {"samples_written": num_samples, "records_seen": counts.pop("seen", 0),
+               "skipped": {k: counts[k] for k in SKIP_REASONS if counts[k]},
+               "converted": {k: v for k, v in sorted(counts.items())
+                             if k not in SKIP_REASONS and v}}
+    _write_json(os.path.join(out, "summary.json"), summary)  # also when it explains a failure
+    if not columns:
+        raise ValueError(f"{out}: every one of the {summary['records_seen']} records was "
+                         f"skipped ({summary['skipped']}); summary.json has the counts")
     _write_json(os.path.join(out, "index.json"),
                 {"format": FORMAT, "version": FORMAT_VERSION, "num_samples": num_samples,
                  "columns": columns,
@@ -1326,8 +1328,12 @@ def main(argv=None):
         kw.update(src="demo", format="demo")
     cfg = PrepareConfig(**kw)
     print(json.dumps(asdict(cfg)))
-    prepare(cfg)
+    try:
+        prepare(cfg)
+    except (FileNotFoundError, ValueError) as e:  # bad paths, settings or inputs: say so
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -61,6 +61,7 @@ import itertools
 import json
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -139,8 +140,14 @@ def list_images(folder):
 
 
 def open_rgb(path):
-    with Image.open(path) as img:
-        return to_rgb(img, collections.Counter())
+    """The image as RGB, or None (with a warning) when it cannot be decoded: one bad file
+    in a folder of thousands is skipped, and the counts in the result show it."""
+    try:
+        with Image.open(path) as img:
+            return to_rgb(img, collections.Counter())
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for corrupt or cut files
+        warnings.warn(f"{path}: cannot be decoded, skipped ({type(e).__name__}: {e})")
+        return None
 
 
 def unit_tensor(img):
@@ -162,11 +169,15 @@ def inception_stats(net, items, load=open_rgb):
     device = next(net.parameters()).device
     features = []
     for batch in image_batches(items, load):
-        pixels = [unit_tensor(img).to(device) for img in batch]
+        pixels = [unit_tensor(img).to(device) for img in batch if img is not None]
+        if not pixels:
+            continue
         if len({p.shape for p in pixels}) == 1:
             features.append(net(torch.stack(pixels)).cpu())
         else:  # resizing to 299 is per image, so one image at a time gives the same numbers
             features += [net(p[None]).cpu() for p in pixels]
+    if not features:
+        raise ValueError("no image could be decoded")
     return gaussian_stats(torch.cat(features))
 
 

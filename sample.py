@@ -281,12 +281,19 @@ def load_pipeline(ckpt, vae_name=None, clip_name=None, device="cpu", preset=None
                                       state["x_embedder.proj.weight"].shape[1],
                                       state["y_embedder.y_proj.fc1.weight"].shape[1], device)
     factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    patch = state["x_embedder.proj.weight"].shape[-1]
+    if res and res % (factor * patch):
+        raise ValueError(f"--res {res} must be a multiple of {factor * patch} (the VAE's "
+                         f"{factor}x downsampling times the {patch}x{patch} patches)")
     latent_size = res // factor if res else None
     net = build_dit(state, config, preset, latent_size, device, source=ckpt)
     return Pipeline(net, text_encoder, vae, device)
 
 
 def run(args):
+    for name in ("steps", "n", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     prompts = read_prompts(args)
     ckpt = args.ckpt or hub_file(RELEASED_REPO, RELEASED_CKPT)
     net, text_encoder, vae, _ = load_pipeline(ckpt, args.vae, args.clip, args.device,

@@ -881,6 +881,23 @@ def test_resize_center_crop_of_a_strip_stays_small(monkeypatch):
     assert np.abs(out[1:] - exact[1:, left:left + 16]).max() <= 1
 
 
+def test_prepare_that_skips_everything_explains_itself(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(src / f"{i}.png")
+    (src / "0.caption").write_text("a caption under a name prepare does not read")
+    (src / "1.txt").mkdir()                                       # a folder, not a caption
+    rc = data.main(["prepare", "--src", str(src), "--out", str(tmp_path / "out"), "--res", "16",
+                    "--vae", "none", "--clip", "tiny-random"])
+    assert rc == 2 and "every one of the 3 records was skipped" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["skipped"] == {"missing_caption": 3} and summary["samples_written"] == 0
+    rc = data.main(["prepare", "--src", str(tmp_path / "nothere"), "--out", str(tmp_path / "o2"),
+                    "--res", "16", "--vae", "none", "--clip", "tiny-random"])
+    assert rc == 2 and "no such file or folder" in capsys.readouterr().err
+
+
 def test_decode_caption():
     counts = collections.Counter()
     assert data.decode_caption(b"  a cat\n", counts) == "a cat"
@@ -1677,6 +1694,17 @@ def test_export_loads_in_sample(train_data, tmp_path):
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
 
 
+def test_sample_refuses_bad_numbers_with_a_message(pixel_checkpoint, tmp_path, capsys):
+    import sample
+    base = ["a cat", "--ckpt", str(pixel_checkpoint), "--out", str(tmp_path), "--steps", "2"]
+    for extra, message in [(["--res", "17"], "--res 17 must be a multiple of 2"),
+                           (["--steps", "0"], "--steps must be at least 1"),
+                           (["--n", "0"], "--n must be at least 1")]:
+        assert sample.main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
 def run_train(args, out, processes=1, port=29517):
     import subprocess
     import sys
@@ -1807,6 +1835,20 @@ def write_images(folder, seed, sizes, brightness=1.0):
         Image.fromarray(array).save(path)
         paths.append(path)
     return paths
+
+
+def test_fid_skips_an_undecodable_image_and_says_so(small_inception, tmp_path):
+    real = write_images(tmp_path / "real", 0, [(40, 40)] * 6)
+    fake = write_images(tmp_path / "fake", 1, [(40, 40)] * 6)
+    clean = ev.folder_fid(str(tmp_path / "real"), str(tmp_path / "fake"), small_inception)
+    Path(fake[0]).write_bytes(b"not a png")                       # one corrupt file
+    with pytest.warns(UserWarning, match="000.png: cannot be decoded, skipped"):
+        result = ev.folder_fid(str(tmp_path / "real"), str(tmp_path / "fake"), small_inception)
+    assert result["real"] == 6 and result["fake"] == 5 and result["fid"] != clean["fid"]
+    os.remove(fake[0])  # the same as leaving it out
+    assert ev.folder_fid(str(tmp_path / "real"), str(tmp_path / "fake"),
+                         small_inception)["fid"] == pytest.approx(result["fid"])
+    assert len(real) == 6
 
 
 @torch.no_grad()
