@@ -240,6 +240,10 @@ def _tar_records(path, counts):
                     files = {}
                 group_key = key
                 files[ext.lower()] = tar.extractfile(member).read()
+            # tarfile stops without a word when the file ends at or inside a header; a whole
+            # archive ends with two zero blocks (1,024 bytes) after its last member
+            if os.path.getsize(path) - tar.offset < 1024:
+                raise EOFError("no end-of-archive blocks: the file was cut short")
     except (tarfile.TarError, EOFError, OSError) as e:
         counts["bad_tar"] += 1
         print(f"{path}: stopped reading after {group_key!r} ({type(e).__name__}: {e})")
@@ -253,10 +257,16 @@ def _tar_record(tar_name, key, files):
     caption = files.get("txt")
     if caption is None and "json" in files:  # some writers keep the caption only in the json
         try:
-            caption = json.loads(files["json"]).get("caption")
+            text, non_utf8 = files["json"].decode("utf-8"), False
+        except UnicodeDecodeError:  # Windows-1252, as for a .txt caption
+            text, non_utf8 = files["json"].decode("cp1252", errors="replace"), True
+        try:
+            caption = json.loads(text).get("caption")
         except (ValueError, AttributeError):  # not JSON, or not an object
             caption = None
         caption = caption if isinstance(caption, str) else None
+        if caption is not None and non_utf8:  # as bytes, so that decode_caption counts it
+            caption = caption.encode("cp1252", errors="replace")
     return Record(f"{tar_name}/{key}",
                   None if image is None else (lambda: Image.open(io.BytesIO(image))), caption)
 

@@ -1010,19 +1010,29 @@ def test_tar_shards_as_img2dataset_writes_them(tmp_path):
         ("000010000.png", encoded(images[3], "PNG")), ("000010000.txt", b"fourth"),
         ("000010001.png", encoded(images[4], "PNG")), ("000010001.txt", b"fifth"),
     ])
+    write_tar(src / "00002.tar", [
+        ("000020000.png", encoded(images[0], "PNG")),
+        ("000020000.json", '{"caption": "caf\u00e9 in the json"}'.encode("cp1252")),
+        ("000020001.png", encoded(images[1], "PNG")), ("000020001.txt", b"cut off"),
+    ])
     (src / "00001_stats.json").write_text(json.dumps({"successes": 2}))
     # cut the second tar inside its last image: the samples before it survive
     with tarfile.open(src / "00001.tar") as tar:
         cut = tar.getmembers()[-2].offset_data + 10
     (src / "00001.tar").write_bytes((src / "00001.tar").read_bytes()[:cut])
+    # cut the third exactly before a header, where tarfile itself stops without a word
+    with tarfile.open(src / "00002.tar") as tar:
+        cut = tar.getmembers()[-1].offset
+    (src / "00002.tar").write_bytes((src / "00002.tar").read_bytes()[:cut])
 
     out = tmp_path / "out"
     summary = run_prepare(src, out, res=[16])
-    assert summary["skipped"] == {"missing_image": 1, "bad_tar": 1}
+    assert summary["skipped"] == {"missing_image": 1, "bad_tar": 2}
+    assert summary["converted"]["non_utf8_caption"] == 1
     manifests = shard_manifests(out)
-    assert [m["origin"] for m in manifests] == [str(src / "00000.tar"), str(src / "00001.tar")]
+    assert [m["origin"] for m in manifests] == [str(src / f"0000{i}.tar") for i in range(3)]
     assert [c for m in manifests for c in m["captions"]] == ["first", "second", "from the json",
-                                                              "fourth"]
+                                                              "fourth", "caf\u00e9 in the json"]
     assert manifests[0]["keys"][0] == "00000.tar/000000000"
     px = shard_arrays(out, "images_16")
     for i, (array, fmt) in enumerate([(images[0], "JPEG"), (images[1], "PNG"),
