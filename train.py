@@ -454,8 +454,9 @@ def main(argv=None):
                  "(or 'DIR_A:0.6,DIR_B:0.4' to mix several, MDS folders included), or "
                  "--data demo for the built-in shapes set (--demo runs the whole CPU demo)")
     if cfg["data"] == "demo":
-        cfg["data"] = ensure_demo_data(os.path.join(cfg["out"], "demo_data"), master,
-                                       res=cfg["res"])
+        # one folder per resolution: a later --res finds its own, not the other's
+        demo_folder = os.path.join(cfg["out"], f"demo_data_{cfg['res']}px")
+        cfg["data"] = ensure_demo_data(demo_folder, master, res=cfg["res"])
         if world > 1:
             dist.barrier()
     info = data_info(cfg["data"])
