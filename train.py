@@ -401,7 +401,6 @@ def bucket_names():
     return [f"sigma_{a}-{b}" for a, b in zip(edges[:-1], edges[1:])]
 
 
-@torch.no_grad()
 def grid_encoders(cfg, info, model_cfg):
     """The text encoder and VAE for sample grids, loaded once on the CPU at the start, so
     that one the run cannot have stops it before its first step, not at its first grid."""
@@ -418,6 +417,7 @@ def grid_encoders(cfg, info, model_cfg):
         sys.exit(f"sample grids: {e}\n(--sample-every 0 trains without grids)")
 
 
+@torch.no_grad()
 def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device):
     """A grid of samples for fixed prompts, for watching training progress."""
     from sample import build_dit, generate, grid_image, to_pil
@@ -679,8 +679,8 @@ command and run it again to resume from the latest. To use less memory per GPU:
 
 
 def cli(argv=None):
-    """main(), with a missing file or running out of GPU memory said in a message instead
-    of a stack trace."""
+    """main(), with a missing file, a bad flag or input, or running out of GPU memory said in
+    a message instead of a stack trace."""
     try:
         main(argv)
     except (FileNotFoundError, ValueError) as e:  # bad paths, data, flags: said in the message
