@@ -139,15 +139,30 @@ def list_images(folder):
     return paths
 
 
+def decode_rgb(path):
+    with Image.open(path) as img:
+        return to_rgb(img, collections.Counter())
+
+
 def open_rgb(path):
     """The image as RGB, or None (with a warning) when it cannot be decoded: one bad file
     in a folder of thousands is skipped, and the counts in the result show it."""
     try:
-        with Image.open(path) as img:
-            return to_rgb(img, collections.Counter())
+        return decode_rgb(path)
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for corrupt or cut files
         warnings.warn(f"{path}: cannot be decoded, skipped ({type(e).__name__}: {e})")
         return None
+
+
+def strict_loader(advice):
+    """A loader for sets that must be whole (COCO's reference and generated images): an
+    undecodable file stops the evaluation, naming the file and what to do."""
+    def load(path):
+        try:
+            return decode_rgb(path)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path} cannot be decoded ({type(e).__name__}: {e}): {advice}")
+    return load
 
 
 def unit_tensor(img):
@@ -181,11 +196,22 @@ def inception_stats(net, items, load=open_rgb):
     return gaussian_stats(torch.cat(features))
 
 
+def files_signature(paths):
+    """A digest of the files' names, sizes and modification times: cached statistics of a
+    set are used again only for the same files, unchanged."""
+    import hashlib
+    digest = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def folder_fid(real, fake, inception, ref_stats=None):
     """FID between two image folders; the real side's stats are cached in ref_stats."""
     real_paths, fake_paths = list_images(real), list_images(fake)
     key = json.dumps({"folder": os.path.abspath(real), "images": len(real_paths),
-                      "feature_net": inception.name})
+                      "files": files_signature(real_paths), "feature_net": inception.name})
     ref = cached_stats(ref_stats, key, lambda: inception_stats(inception, real_paths))
     gen = inception_stats(inception, fake_paths)
     return {"fid": fid_of(ref, gen), "real": ref.count, "fake": gen.count,
@@ -291,9 +317,10 @@ def image_path(out, index):
 
 
 def coco_device(args):
-    if args.device:
-        return args.device
-    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    """This rank's device: a bare 'cuda' (or the default on a GPU machine) means the
+    rank's own GPU, cuda:LOCAL_RANK, not GPU 0 for every rank."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device == "cuda" else device
 
 
 def coco_generate(args, rank=0, world_size=1):
@@ -302,6 +329,7 @@ def coco_generate(args, rank=0, world_size=1):
     exist are skipped; the pipeline is loaded only when something is left to draw."""
     from tqdm import tqdm
     from sample import generate, to_pil
+    coco_references(args, choose_captions(args.captions, args.n, args.seed))  # before hours of work
     settings = {k: getattr(args, k) for k in ("ckpt", "vae", "clip", "captions", "seed",
                                               "steps", "cfg", "batch_size")}
     settings["captions"] = os.path.basename(settings["captions"])
@@ -337,8 +365,15 @@ def coco_generate(args, rank=0, world_size=1):
                           lambda f: pil.save(f, format="PNG", pnginfo=meta))
 
 
-def reference_image(path, res):
-    return resize_center_crop(open_rgb(path), res)
+def coco_references(args, chosen):
+    """The chosen COCO images' paths; all must be there (checked before any generation)."""
+    real = [os.path.join(args.images, c["file_name"]) for c in chosen]
+    missing = [p for p in real if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(real)} chosen COCO images are not "
+                                f"in --images {args.images}, first {missing[0]}: point --images "
+                                f"at the extracted val2014 folder")
+    return real
 
 
 def coco_evaluate(args):
@@ -355,14 +390,18 @@ def coco_evaluate(args):
     device = coco_device(args)
     inception = load_inception(args.inception, device)
     scorer = load_clip_scorer(args.clip_score_model, device)  # both models before any work
+    real = coco_references(args, chosen)
     key = json.dumps({"coco": os.path.basename(args.captions), "n": args.n, "seed": args.seed,
-                      "res": res, "feature_net": inception.name})
-    real = [os.path.join(args.images, c["file_name"]) for c in chosen]
+                      "res": res, "feature_net": inception.name,
+                      "images": files_signature(real)})
+    load_real = strict_loader("the COCO file is damaged: extract val2014 again")
     ref = cached_stats(args.ref_stats or os.path.join(args.out, "reference_stats.npz"), key,
-                       lambda: inception_stats(inception, real, lambda p: reference_image(p, res)))
-    gen = inception_stats(inception, fake)
+                       lambda: inception_stats(inception, real,
+                                               lambda p: resize_center_crop(load_real(p), res)))
+    load_fake = strict_loader("delete it and run the generation again, which redraws it")
+    gen = inception_stats(inception, fake, load_fake)
     result = {"fid": fid_of(ref, gen),
-              "clip_score": clip_score(scorer, fake, [c["caption"] for c in chosen]),
+              "clip_score": clip_score(scorer, fake, [c["caption"] for c in chosen], load_fake),
               "n": args.n, "resolution": res, "feature_net": inception.name,
               "clip_score_model": scorer.name,
               **{k: getattr(args, k) for k in ("ckpt", "seed", "steps", "cfg", "batch_size")}}
@@ -459,6 +498,15 @@ def training_captions(ckpt, train_data=None):
 def held_out_attributes(rng, n, exclude):
     """n random attributes whose captions are not in `exclude`: a caption names exactly one
     image, so none of these was seen in training."""
+    every = {caption_of(ShapeAttributes(s, c, z, p, b)) for s in SHAPES for c in COLORS
+             for z in SIZES for p in POSITIONS for b in COLORS if b != c}
+    left = len(every - exclude)
+    if left == 0:
+        raise ValueError("the training data holds every one of the shapes captions: none is "
+                         "left to hold out (--train-data none evaluates on seen ones)")
+    if left < n:
+        warnings.warn(f"only {left} captions are not in the training data: the {n} asked "
+                      f"for repeat some")
     asked = []
     while len(asked) < n:
         a = sample_attributes(rng)

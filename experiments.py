@@ -62,12 +62,15 @@ TITLES = {1: "Masking: none, naive, deferred (same steps; and same wall-clock)",
           4: "Routing and layer-wise scaling (75% masking, mixer)"}
 
 
-def slug(name):
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+def run_folder(out, name, steps, batch, seed):
+    """One folder per run and budget: a rerun with another --seed, --steps or --batch-size
+    trains anew instead of resuming (or reusing) a run made with the old ones."""
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    return os.path.join(out, f"{slug}_steps{steps}_batch{batch}_seed{seed}")
 
 
 def train_run(out, name, mask_ratio, overrides, steps, batch, data, seed):
-    folder = os.path.join(out, slug(name))
+    folder = run_folder(out, name, steps, batch, seed)
     argv = ["--demo", "--data", data, "--out", folder, "--steps", str(steps), "--seed", str(seed),
             "--batch-size", str(batch), "--micro-batch", str(batch),
             "--mask-ratio", str(mask_ratio), "--model", json.dumps(overrides),

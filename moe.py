@@ -44,7 +44,7 @@ class ExpertChoiceMoE(nn.Module):
         h = torch.bmm(F.gelu(torch.bmm(x_in, self.w1)), self.w2)      # (E, N*k, D)
         h = h * gates.transpose(0, 1).reshape(E, N * k, 1)
         out = torch.zeros_like(x).view(N * T, D)
-        out.index_add_(0, rows.reshape(-1), h.reshape(E * N * k, D))
+        out.index_add_(0, rows.reshape(-1), h.reshape(E * N * k, D).to(out.dtype))
         return out.view(N, T, D)
 
 
@@ -89,7 +89,8 @@ class TokenChoiceMoE(nn.Module):
         x_in = x_in[:-1].view(E, C, D)                                 # (E, C, D)
         h = torch.bmm(F.gelu(torch.bmm(x_in, self.w1)), self.w2)      # (E, C, D)
         h = torch.cat([h.reshape(E * C, D), h.new_zeros(1, D)])[slot]  # (K*N*T, D)
-        out = torch.zeros_like(x_flat).index_add_(0, ids_row, h * (gates * kept)[:, None])
+        out = torch.zeros_like(x_flat).index_add_(0, ids_row,
+                                                  (h * (gates * kept)[:, None]).to(x.dtype))
 
         top1_fraction = onehot[: N * T].float().mean(0)                # f_e
         self.aux_loss = E * (top1_fraction * probs.mean(0)).sum()

@@ -72,6 +72,19 @@ def resolve_vae(name):
                                 + download_instructions()) from e
 
 
+def with_stored_interp_scale(cfg, pos_embed):
+    """cfg with the position interpolation a stored pos_embed was built with (1.0 for the
+    256px models, 2.0 for the 512px ones fine-tuned from them), when one of those fits."""
+    grid = cfg.input_size // cfg.patch_size
+    if tuple(pos_embed.shape[1:]) != (grid * grid, cfg.dim):  # another architecture: the
+        return cfg                                              # shape check will say so
+    for scale in (cfg.input_size / 32, 1.0, 2.0):
+        rebuilt = sincos_pos_embed(cfg.dim, grid, grid, scale)
+        if torch.allclose(rebuilt, pos_embed[0].float(), atol=1e-5):
+            return dataclasses.replace(cfg, pos_interp_scale=scale)
+    return cfg
+
+
 def infer_config(state):
     """DiTConfig of a bare state_dict (a released .pt): sizes are read off the weights and
     the preset is the one whose every name and shape fits."""
@@ -89,13 +102,7 @@ def infer_config(state):
         with torch.device("meta"):
             net = MicroDiT(cfg)
         if {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes:
-            # the stored pos_embed tells which interpolation it was built with
-            grid = input_size // cfg.patch_size
-            for scale in (input_size / 32, 1.0, 2.0):
-                rebuilt = sincos_pos_embed(cfg.dim, grid, grid, scale)
-                if torch.allclose(rebuilt, state["pos_embed"][0].float(), atol=1e-5):
-                    return dataclasses.replace(cfg, pos_interp_scale=scale)
-            return cfg
+            return with_stored_interp_scale(cfg, state["pos_embed"])
     raise CheckpointError(f"the weights (width {proj.shape[0]}, {len(shapes)} tensors) fit no "
                           f"preset in {list(PRESETS)}: use a checkpoint saved by train.py, "
                           f"which carries its config")
@@ -138,6 +145,7 @@ def build_dit(state, config, preset=None, latent_size=None, device="cpu", source
         grid = int(round(state["pos_embed"].shape[1] ** 0.5))  # patches per side
         cfg = dataclasses.replace(cfg, in_channels=proj.shape[1], input_size=grid * proj.shape[2],
                                   caption_channels=state["y_embedder.y_proj.fc1.weight"].shape[1])
+        cfg = with_stored_interp_scale(cfg, state["pos_embed"])
     elif config is not None:
         cfg = DiTConfig.from_dict(config)
     else:
@@ -253,6 +261,10 @@ def load_encoders(vae_name, clip_name, latent_channels, caption_width, device="c
     latents and `caption_width`-wide caption features; names default to the released
     models'. Refuses encoders that do not fit the model, before anything is generated."""
     vae = None
+    if vae_name == PIXEL_SPACE and latent_channels != 3:
+        raise ValueError(f"--vae {PIXEL_SPACE} is for pixel-space models, whose 3 channels are "
+                         f"RGB; this one works on {latent_channels}-channel latents: pass the "
+                         f"--vae it was trained with")
     if vae_name != PIXEL_SPACE:
         if not vae_name and latent_channels not in DEFAULT_VAES:
             raise ValueError(f"no released VAE has {latent_channels}-channel latents: pass "

@@ -676,8 +676,8 @@ def test_sample_compiles_the_network_once_for_all_steps(tiny_checkpoint, tmp_pat
     images equal eager ones up to float rounding."""
     import torch._dynamo
     path, _ = tiny_checkpoint
-    common = ["a red circle", "a blue square", "--ckpt", path, "--vae", "none", "--clip",
-              "tiny-random", "--steps", 3, "--no-grid", "--seed", 3]
+    common = ["a red circle", "a blue square", "--ckpt", path, "--vae", FIXTURES / "vae_tiny_4ch",
+              "--clip", "tiny-random", "--steps", 3, "--no-grid", "--seed", 3]
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert run_sample(*common, "--compile", "--out", tmp_path / "compiled") == 0
@@ -691,9 +691,10 @@ def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
     path, _ = tiny_checkpoint
     assert run_sample("a cat", "--ckpt", tmp_path / "missing.pt") == 2
     assert "huggingface-cli download" in capsys.readouterr().err
-    assert run_sample("", "--ckpt", path, "--vae", "none", "--clip", "tiny-random") == 2
+    vae = FIXTURES / "vae_tiny_4ch"
+    assert run_sample("", "--ckpt", path, "--vae", vae, "--clip", "tiny-random") == 2
     assert "empty" in capsys.readouterr().err
-    assert run_sample("a cat", "--ckpt", path, "--preset", "MicroDiT_Tiny_2", "--vae", "none",
+    assert run_sample("a cat", "--ckpt", path, "--preset", "MicroDiT_Tiny_2", "--vae", vae,
                       "--clip", "tiny-random") == 2
     assert "does not match MicroDiT_Tiny_2" in capsys.readouterr().err
 
@@ -1666,6 +1667,18 @@ def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_pa
     assert train.load_checkpoint(before[-1])["step"] == 3
 
 
+def test_a_forced_preset_keeps_the_checkpoints_position_scale():
+    """A 512px-style model (positions interpolated by 2.0) rebuilt at another size with
+    --preset must scale from the stored 2.0, as it does from its config."""
+    from sample import build_dit
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=16, pos_interp_scale=2.0)
+    state = MicroDiT(cfg).state_dict()
+    forced = build_dit(state, None, preset="MicroDiT_CPU_2", latent_size=8)
+    configured = build_dit(state, dataclasses.asdict(cfg), latent_size=8)
+    assert forced.cfg.pos_interp_scale == configured.cfg.pos_interp_scale == 1.0
+    assert torch.equal(forced.pos_embed, configured.pos_embed)
+
+
 def test_build_dit_copies_the_state_it_is_given():
     """train.py builds its sample-grid network from its live weights: the network must own
     copies, and a half-precision file must give a float32 network, as before."""
@@ -1712,6 +1725,18 @@ def test_sample_refuses_bad_numbers_with_a_message(pixel_checkpoint, tmp_path, c
                            (["--n", "0"], "--n must be at least 1")]:
         assert sample.main(base + extra) == 2
         assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_sample_refuses_pixel_space_for_a_latent_model(tmp_path, capsys):
+    import sample
+    cfg = PRESETS["MicroDiT_CPU_2"]  # 4 latent channels
+    path = tmp_path / "latent.pt"
+    torch.save({"model": MicroDiT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg),
+                "vae": None, "clip": "tiny-random", "step": 0}, path)
+    assert sample.main(["a cat", "--ckpt", str(path), "--vae", "none", "--out", str(tmp_path),
+                        "--steps", "1"]) == 2
+    assert "--vae none is for pixel-space models" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -1892,7 +1917,8 @@ def run_main(capsys, *args):
 
 # ----------------------------------------------------------------------------- FID
 
-def test_fid_of_two_folders_with_cached_reference_stats(small_inception, tmp_path, capsys):
+def test_fid_of_two_folders_with_cached_reference_stats(small_inception, tmp_path, capsys,
+                                                         monkeypatch):
     real = write_images(tmp_path / "real", 0, [(32, 32)] * 8 + [(40, 24), (24, 40)])
     fake = write_images(tmp_path / "fake", 1, [(32, 32)] * 10, brightness=0.6)
     stats = tmp_path / "cache" / "real.npz"
@@ -1908,12 +1934,20 @@ def test_fid_of_two_folders_with_cached_reference_stats(small_inception, tmp_pat
         np.testing.assert_allclose(f["sigma"], np.cov(a, rowvar=False), rtol=1e-4, atol=1e-8)
         assert int(f["count"]) == 10
 
-    # the cache is read, not recomputed: new pixels behind the same folder change nothing
+    # the cache is read, not recomputed: only the fake side goes through the network
     saved = stats.read_bytes()
-    write_images(tmp_path / "real", 5, [(32, 32)] * 10, brightness=0.3)
+    computed = []
+    real_stats = ev.inception_stats
+    monkeypatch.setattr(ev, "inception_stats", lambda net, items, *a: computed.append(items)
+                        or real_stats(net, items, *a))
     rc, again = run_main(capsys, *common, "--real", tmp_path / "real", "--ref-stats", stats)
     assert rc == 0 and again["fid"] == first["fid"] and stats.read_bytes() == saved
+    assert [len(items) for items in computed] == [10] and "fake" in computed[0][0]
     assert not [f for f in os.listdir(stats.parent) if ".tmp" in f]
+    # new pixels behind the same names: the cached statistics no longer describe them
+    write_images(tmp_path / "real", 5, [(32, 32)] * 10, brightness=0.3)
+    rc, err = run_main(capsys, *common, "--real", tmp_path / "real", "--ref-stats", stats)
+    assert rc == 2 and "delete it" in err
 
     # stats of another folder are refused, not silently reused
     rc, err = run_main(capsys, *common, "--real", tmp_path / "fake", "--ref-stats", stats)
@@ -2178,6 +2212,16 @@ def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, m
         ev.coco_generate(ev.parse_args([str(a) for a in common + ["--seed", 6, "--out",
                                                                   tmp_path / "one"]]))
 
+    # a damaged image stops the metrics with what to do, rather than a crash or a silent gap
+    fake[2].write_bytes(fake[2].read_bytes()[:40])
+    rc, err = run_main(capsys, *common, "--out", tmp_path / "one", *metric_args)
+    assert rc == 2 and "00002.png cannot be decoded" in err and "delete it" in err
+    # a reference image missing from --images is found before any generation
+    os.remove(real[0])
+    with pytest.raises(FileNotFoundError, match="chosen COCO images are not in --images"):
+        ev.coco_generate(ev.parse_args([str(a) for a in common + ["--out", tmp_path / "new"]]))
+    assert not (tmp_path / "new" / "images").exists()
+
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -2208,6 +2252,19 @@ def test_eval_shapes_reports_the_frechet_distance_and_its_floor(pixel_checkpoint
     assert scores["training_captions_held_out"] == 0
     assert scores["frechet"] == ev.shapes_frechet(images, ev.render_set(asked, 16))
     assert 0 < scores["frechet_real_vs_real"] != scores["frechet"]
+
+
+def test_held_out_draw_when_training_covers_nearly_every_caption():
+    every = {data.caption_of(data.ShapeAttributes(s, c, z, p, b)) for s in data.SHAPES
+             for c in data.COLORS for z in data.SIZES for p in data.POSITIONS
+             for b in data.COLORS if b != c}
+    assert len(every) == 5 * 8 * 2 * 5 * 7
+    with pytest.raises(ValueError, match="none is left to hold out"):
+        ev.held_out_attributes(np.random.default_rng(0), 3, every)
+    last = sorted(every)[0]
+    with pytest.warns(UserWarning, match="only 1 captions are not in the training data"):
+        asked = ev.held_out_attributes(np.random.default_rng(0), 3, every - {last})
+    assert [data.caption_of(a) for a in asked] == [last] * 3
 
 
 def test_eval_shapes_holds_the_training_captions_out(pixel_checkpoint, tmp_path):
@@ -2295,6 +2352,22 @@ def test_bench_model_overrides_and_compile_mode_reach_the_model(monkeypatch):
     assert modes == ["max-autotune-no-cudagraphs"] * 2  # the training and the sampling network
 
 
+def test_moe_layers_run_under_cpu_bf16_autocast():
+    """bench.py / train.py --dtype bfloat16 on a CPU: the experts' bf16 output is added into
+    a float32 buffer (on CUDA the float32 gates hid the mismatch)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32)
+    for layer in (ExpertChoiceMoE(32, 64, 4, 2.0), TokenChoiceMoE(32, 64, 4, 2.0, 2)):
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        reference = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().sum().backward()
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert_close_rel(out.float(), reference, 5e-2)  # bf16 matmuls
+
+
 def test_bench_memory_cap_needs_cuda():
     import bench
     with pytest.raises(SystemExit, match="needs a CUDA device"):
@@ -2315,12 +2388,13 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     assert all(r["name"] in table for r in results)
     assert Image.open(out / "plot.png").size == (900, 560)
     # the switches reached the trained models
-    ckpt = lambda r: final_checkpoint(out / experiments.slug(r["name"]))
+    folder_of = lambda r: experiments.run_folder(out, r["name"], 2, 8, 0)  # noqa: E731
+    ckpt = lambda r: final_checkpoint(folder_of(r))
     assert ckpt(results[1])["model_config"]["moe_routing"] == "token_choice"
     assert list(ckpt(results[2])["model_config"]["mlp_ratio"]) == [2.25, 2.25]
     # held-out loss: the mean over the fixed noise levels, recomputed here by hand
     from sample import load_dit
-    folder = out / experiments.slug(results[0]["name"]) / "phase1"
+    folder = Path(folder_of(results[0])) / "phase1"
     net, _ = load_dit(train.checkpoints(str(folder))[-1])
     shard = out / "held_out" / "shard-00000"
     x = torch.from_numpy(np.load(f"{shard}.images_16.npy")).float()
