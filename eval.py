@@ -57,6 +57,7 @@ size: the floor that sampling noise alone gives at this n.
 """
 import argparse
 import collections
+import hashlib
 import itertools
 import json
 import os
@@ -139,6 +140,9 @@ def list_images(folder):
     return paths
 
 
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # PIL's errors for corrupt or cut files
+
+
 def decode_rgb(path):
     with Image.open(path) as img:
         return to_rgb(img, collections.Counter())
@@ -149,7 +153,7 @@ def open_rgb(path):
     in a folder of thousands is skipped, and the counts in the result show it."""
     try:
         return decode_rgb(path)
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for corrupt or cut files
+    except DECODE_ERRORS as e:
         warnings.warn(f"{path}: cannot be decoded, skipped ({type(e).__name__}: {e})")
         return None
 
@@ -160,7 +164,7 @@ def strict_loader(advice):
     def load(path):
         try:
             return decode_rgb(path)
-        except (OSError, SyntaxError, ValueError) as e:
+        except DECODE_ERRORS as e:
             raise ValueError(f"{path} cannot be decoded ({type(e).__name__}: {e}): {advice}")
     return load
 
@@ -199,7 +203,6 @@ def inception_stats(net, items, load=open_rgb):
 def files_signature(paths):
     """A digest of the files' names, sizes and modification times: cached statistics of a
     set are used again only for the same files, unchanged."""
-    import hashlib
     digest = hashlib.sha256()
     for p in paths:
         st = os.stat(p)
@@ -472,17 +475,14 @@ def render_set(attrs, res):
     return [unit_tensor(render_shapes(a, res)) for a in attrs]
 
 
-def training_captions(ckpt, train_data=None):
+def training_captions(ckpt, info, train_data=None):
     """The captions a shapes model was trained on, to hold them out of its evaluation:
-    those of `train_data`, else of the data folder its train.py checkpoint names. 'none':
-    hold nothing out."""
+    those of `train_data`, else of the data folder its train.py checkpoint names (`info`,
+    from sample.read_checkpoint). 'none': hold nothing out."""
     if train_data == "none":
         return set()
     if train_data is None:
-        saved = (torch.load(ckpt, map_location="cpu", weights_only=True)
-                 if ckpt.endswith(".pt") else None)
-        train_data = ((saved.get("config") or {}).get("data") if isinstance(saved, dict)
-                      else None)
+        train_data = info.get("data")
         if not (train_data and os.path.isdir(train_data)):
             raise ValueError(f"{ckpt} does not name a training data folder that exists here: "
                              f"pass --train-data DIR so that the evaluation captions are held "
@@ -522,7 +522,7 @@ def evaluate_shapes(ckpt, n, seed, steps, cfg, device, train_data=None):
     if info.get("vae") not in (None, "none"):
         raise ValueError(f"{ckpt} was trained on VAE latents; the shapes metric expects a "
                          f"pixel-space model (data.py demo --vae none)")
-    seen = training_captions(ckpt, train_data)
+    seen = training_captions(ckpt, info, train_data)
     asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
     images = generate(net, load_text_encoder(info.get("clip") or TINY_RANDOM, device), None,
                       [caption_of(a) for a in asked], seed=seed, steps=steps, cfg=cfg,

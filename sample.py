@@ -126,7 +126,9 @@ def read_checkpoint(path):
                               f"({type(e).__name__}: {e})") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
-        return state, ckpt.get("model_config"), {k: ckpt.get(k) for k in ("vae", "clip", "step")}
+        info = {k: ckpt.get(k) for k in ("vae", "clip", "step")}
+        info["data"] = (ckpt.get("config") or {}).get("data")  # what it was trained on
+        return state, ckpt.get("model_config"), info
     return ckpt, None, {}
 
 

@@ -2274,7 +2274,7 @@ def test_eval_shapes_holds_the_training_captions_out(pixel_checkpoint, tmp_path)
     dataset = data.LatentDataset(str(folder))
     seen = {dataset.caption(i) for i in range(dataset.num_samples)}
     assert seen == {data.caption_of(data.demo_attributes(0, i)) for i in range(300)}
-    assert ev.training_captions(str(pixel_checkpoint), str(folder)) == seen
+    assert ev.training_captions(str(pixel_checkpoint), {}, str(folder)) == seen
     asked = ev.held_out_attributes(np.random.default_rng([3, 7]), 400, seen)
     assert len(asked) == 400 and not {data.caption_of(a) for a in asked} & seen
     # without it, a draw of that size meets training captions: the check is not vacuous
@@ -2282,7 +2282,7 @@ def test_eval_shapes_holds_the_training_captions_out(pixel_checkpoint, tmp_path)
     drawn = {data.caption_of(data.sample_attributes(rng)) for _ in range(400)}
     assert drawn & seen
     with pytest.raises(ValueError, match="--train-data DIR"):
-        ev.training_captions(str(pixel_checkpoint))  # names no data folder
+        ev.training_captions(str(pixel_checkpoint), {"data": None})  # names no data folder
 
 
 # ----------------------------------------------------------------------------- bench.py

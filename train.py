@@ -253,12 +253,14 @@ def finite_or_null(record):
 def init_checkpoint(path):
     """--init: a train.py checkpoint as it is, or bare weights (a released .pt, an exported
     .safetensors) as a start that has weights only."""
-    if path.endswith(".pt"):
-        ckpt = load_checkpoint(path)
-        if isinstance(ckpt, dict) and "model_config" in ckpt and "optimizer" in ckpt:
-            return ckpt
     from sample import infer_config, read_checkpoint
-    state, config, _ = read_checkpoint(path)
+    if path.endswith(".pt"):  # read once: a released one is 4.7 GB
+        ckpt = load_checkpoint(path)
+        if isinstance(ckpt, dict) and "optimizer" in ckpt:
+            return ckpt
+        if isinstance(ckpt, dict) and "model_config" not in ckpt:  # a bare state_dict
+            return {"model": ckpt, "model_config": dataclasses.asdict(infer_config(ckpt))}
+    state, config, _ = read_checkpoint(path)  # an exported .safetensors
     return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state))}
 
 
