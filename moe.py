@@ -49,9 +49,12 @@ class ExpertChoiceMoE(nn.Module):
 
 
 class TokenChoiceMoE(nn.Module):
-    """Top-k routing per token with a capacity per expert; overflowing tokens are dropped
-    (their MLP output is 0). After each forward, `aux_loss` holds the Switch-Transformer
-    load-balancing loss E * sum_e f_e P_e (1.0 when perfectly balanced)."""
+    """Top-k routing per token with a capacity per expert and image; overflowing tokens are
+    dropped (their MLP output is 0). Each image is its own routing group, as each sequence
+    is for expert-choice: an image's output never depends on the other images of the batch
+    (nor, when sampling with guidance, on its other half). After each forward, `aux_loss`
+    holds the Switch-Transformer load-balancing loss E * sum_e f_e P_e (1.0 when perfectly
+    balanced)."""
 
     def __init__(self, dim, hidden, num_experts, capacity, top_k):
         super().__init__()
@@ -69,29 +72,32 @@ class TokenChoiceMoE(nn.Module):
     def forward(self, x):
         N, T, D = x.shape
         E, K = self.num_experts, self.top_k
-        x_flat = x.reshape(N * T, D)
-        probs = F.softmax(self.gate(x_flat), dim=-1)                  # (N*T, E)
-        gates, ids_expert = torch.topk(probs, K, dim=-1)               # (N*T, K)
+        C = self.slots_per_expert(T * K)                               # per expert and image
+        probs = F.softmax(self.gate(x), dim=-1)                        # (N, T, E)
+        gates, ids_expert = torch.topk(probs, K, dim=-1)               # (N, T, K)
         gates = gates / gates.sum(dim=-1, keepdim=True)
 
-        # choice-major order: every token's first choice is served before any second one
-        ids_expert = ids_expert.t().reshape(-1)                        # (K*N*T,)
-        gates = gates.t().reshape(-1)
-        ids_row = torch.arange(N * T, device=x.device).repeat(K)
-        C = self.slots_per_expert(N * T * K)
-        onehot = F.one_hot(ids_expert, E)                              # (K*N*T, E)
-        position = (onehot.cumsum(0) * onehot).sum(-1) - 1             # slot within expert
+        # choice-major order within each image: its tokens' first choices are served
+        # before any second one
+        ids_expert = ids_expert.transpose(1, 2).reshape(N, K * T)
+        gates = gates.transpose(1, 2).reshape(N, K * T)
+        image = torch.arange(N, device=x.device).view(N, 1)
+        rows = (image * T + torch.arange(T, device=x.device).repeat(K)).reshape(-1)  # in x
+        onehot = F.one_hot(ids_expert, E)                              # (N, K*T, E)
+        position = (onehot.cumsum(1) * onehot).sum(-1) - 1            # slot within expert
         kept = position < C
-        # dropped assignments all write to one spare slot that is never read back
-        slot = torch.where(kept, ids_expert * C + position, E * C)
+        # slots laid out (E, N, C); dropped assignments all write to one spare slot that
+        # is never read back
+        slot = torch.where(kept, (ids_expert * N + image) * C + position, E * N * C).reshape(-1)
 
-        x_in = x.new_zeros(E * C + 1, D).index_add_(0, slot, x_flat[ids_row])
-        x_in = x_in[:-1].view(E, C, D)                                 # (E, C, D)
-        h = torch.bmm(F.gelu(torch.bmm(x_in, self.w1)), self.w2)      # (E, C, D)
-        h = torch.cat([h.reshape(E * C, D), h.new_zeros(1, D)])[slot]  # (K*N*T, D)
-        out = torch.zeros_like(x_flat).index_add_(0, ids_row,
-                                                  (h * (gates * kept)[:, None]).to(x.dtype))
+        x_flat = x.reshape(N * T, D)
+        x_in = x.new_zeros(E * N * C + 1, D).index_add_(0, slot, x_flat[rows])
+        x_in = x_in[:-1].view(E, N * C, D)                             # (E, N*C, D)
+        h = torch.bmm(F.gelu(torch.bmm(x_in, self.w1)), self.w2)      # (E, N*C, D)
+        h = torch.cat([h.reshape(E * N * C, D), h.new_zeros(1, D)])[slot]  # (N*K*T, D)
+        weight = (gates * kept).reshape(-1, 1)
+        out = torch.zeros_like(x_flat).index_add_(0, rows, (h * weight).to(x.dtype))
 
-        top1_fraction = onehot[: N * T].float().mean(0)                # f_e
-        self.aux_loss = E * (top1_fraction * probs.mean(0)).sum()
+        top1_fraction = onehot[:, :T].float().mean((0, 1))            # f_e
+        self.aux_loss = E * (top1_fraction * probs.mean((0, 1))).sum()
         return out.view(N, T, D)

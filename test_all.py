@@ -221,23 +221,40 @@ def test_expert_choice_tokens_picked_by_none_get_zero():
 
 def test_token_choice_equals_slow_loop():
     moe = random_moe(TokenChoiceMoE, 16, 24, 4, 1.0, 2)
-    x = torch.randn(2, 9, 16)
-    xs = x.reshape(-1, 16)
-    probs = torch.softmax(xs @ moe.gate.weight.t(), dim=-1)
+    x = torch.randn(3, 9, 16)
+    probs = torch.softmax(x @ moe.gate.weight.t(), dim=-1)               # (N, T, E)
     gates, experts = torch.topk(probs, 2, dim=-1)
     gates = gates / gates.sum(-1, keepdim=True)
-    capacity = math.ceil(1.0 * 18 * 2 / 4)
-    load = [0] * 4
-    expected = torch.zeros_like(xs)
-    for choice in range(2):                   # all first choices before any second one
-        for i in range(18):
-            e = experts[i, choice].item()
-            if load[e] < capacity:
-                load[e] += 1
-                expected[i] += gates[i, choice] * (F.gelu(xs[i] @ moe.w1[e]) @ moe.w2[e])
-    assert_close_rel(moe(x).reshape(-1, 16), expected, 1e-5)
-    f = torch.bincount(experts[:, 0], minlength=4).float() / 18
-    assert torch.allclose(moe.aux_loss, 4 * (f * probs.mean(0)).sum())
+    capacity = math.ceil(1.0 * 9 * 2 / 4)     # per expert and image
+    expected = torch.zeros_like(x)
+    dropped = 0
+    for n in range(3):
+        load = [0] * 4
+        for choice in range(2):               # all first choices before any second one
+            for i in range(9):
+                e = experts[n, i, choice].item()
+                if load[e] < capacity:
+                    load[e] += 1
+                    h = F.gelu(x[n, i] @ moe.w1[e]) @ moe.w2[e]
+                    expected[n, i] += gates[n, i, choice] * h
+                else:
+                    dropped += 1
+    assert dropped > 0                        # the capacity limit is exercised
+    assert_close_rel(moe(x), expected, 1e-5)
+    f = torch.bincount(experts[..., 0].reshape(-1), minlength=4).float() / 27
+    assert torch.allclose(moe.aux_loss, 4 * (f * probs.reshape(-1, 4).mean(0)).sum())
+
+
+@pytest.mark.parametrize("layer", ["expert_choice", "token_choice"])
+def test_moe_image_does_not_depend_on_its_batch_mates(layer):
+    """Routing is per image for both kinds, so a sample is the same alone or in a batch
+    (and the two halves of a guided batch do not compete for capacity)."""
+    moe = (random_moe(ExpertChoiceMoE, 16, 24, 4, 1.0) if layer == "expert_choice" else
+           random_moe(TokenChoiceMoE, 16, 24, 4, 1.0, 2))
+    x = torch.randn(4, 9, 16)
+    together = moe(x)
+    for n in range(4):
+        assert_close_rel(moe(x[n:n + 1])[0], together[n], 1e-5)
 
 
 def test_token_choice_model_has_aux_loss():
