@@ -8,6 +8,8 @@
                                                         # does it fit 80 GB? (on a larger card)
     python bench.py --preset MicroDiT_XL_2 --batch-size 256 --attention --skip train sample data
                                                         # every attention shape, every backend
+    python bench.py --compile on --inductor '{"coordinate_descent_tuning": true}'
+                                                        # try Inductor's settings
 
 Every comparison (mask 0.75 against mask 0, compiled against eager) is measured side by
 side: the variants take turns, one timed step each, and each figure is the median over its
@@ -29,7 +31,7 @@ import torch
 
 from diffusion import edm_loss, heun_sample
 from model import PRESETS, MicroDiT, count_params, train_flops_per_image
-from train import COMPILE_MODES, PHASES, peak_flops
+from train import COMPILE_MODES, PHASES, inductor_options, peak_flops, set_inductor_options
 
 
 def sync(device):
@@ -69,7 +71,8 @@ def train_step(model, optimizer, x, y, mask_ratio, p_mean, p_std, grad_clip, aut
     with autocast:
         loss = edm_loss(model, x, y, mask_ratio, p_mean, p_std)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # as train.py: no host sync
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -239,6 +242,8 @@ def main(argv=None):
                                                            "compares 0 with the largest)")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    p.add_argument("--inductor", default="{}", help="JSON of torch._inductor.config settings, "
+                                                    "as train.py's")
     p.add_argument("--model", default="{}", help="JSON of DiTConfig overrides, e.g. "
                                                  "'{\"depth\": 8}' to try a change on fewer "
                                                  "blocks, which compile faster")
@@ -268,6 +273,10 @@ def main(argv=None):
         args.sample_steps, args.sample_batch, args.data_batch = 3, 2, 64
     args.masks = sorted(set(args.masks or [0.0, PHASES[args.phase]["mask_ratio"]]))
 
+    try:
+        set_inductor_options(inductor_options(args.inductor))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     device = torch.device(args.device)
     cfg = dataclasses.replace(PRESETS[args.preset], input_size=args.res // 8,
                               **json.loads(args.model))
@@ -283,6 +292,7 @@ def main(argv=None):
         params = count_params(MicroDiT(cfg))
     results = {"preset": args.preset, "model": json.loads(args.model), "params": params,
                "phase": args.phase, "compile_mode": args.compile_mode,
+               "inductor": json.loads(args.inductor),
                "latent": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
                "batch_size": args.batch_size, "dtype": str(dtype or torch.float32),
                "device": machine, "torch": torch.__version__,

@@ -1588,6 +1588,44 @@ def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatc
     assert [r["loss"] for r in logged(tmp_path)[-3:]] == [None] * 3  # strict JSON: null
 
 
+def test_the_step_does_not_wait_for_the_device(train_data, tmp_path, monkeypatch):
+    """Statistics are read once per --log-every steps (and before a checkpoint), not every
+    step; a non-finite step is skipped on the device without the host reading the norm. The
+    weights and the per-step log are those of reading every step."""
+    reads, items, looping = [], [], []
+    real_tolist, real_item, real_lr = torch.Tensor.tolist, torch.Tensor.item, train.learning_rate
+
+    def tolist(t):
+        reads.append(tuple(t.shape))
+        return real_tolist(t)
+
+    def item(t):
+        items.extend(looping[-1:])  # the steps in which a tensor was read with .item()
+        return real_item(t)
+
+    def learning_rate(cfg, phase_step):  # called once at the start of every step
+        looping.append(phase_step)
+        return real_lr(cfg, phase_step)
+
+    extra = ("--steps", "9", "--ckpt-every", "8", "--sample-every", "0")
+    train.main(train_args(train_data, tmp_path / "every", *extra, "--log-every", "1"))
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(train, "learning_rate", learning_rate)
+    train.main(train_args(train_data, tmp_path / "batched", *extra, "--log-every", "3"))
+    width = 2 + 2 * (len(train.SIGMA_BUCKETS) + 1)  # grad norm, loss, bucket sums and counts
+    assert [r for r in reads if r[-1:] == (width,)] == [(3, width), (3, width), (2, width),
+                                                       (1, width)]  # 3, 6, 8 (ckpt), 9 (end)
+    assert looping == list(range(9)) and items == []
+    every, batched = logged(tmp_path / "every"), logged(tmp_path / "batched")
+    assert [r["step"] for r in batched] == list(range(1, 10))
+    for a, b in zip(every, batched):
+        assert {k: v for k, v in a.items() if k not in ("ms_per_step", "images_per_s")} == \
+            {k: v for k, v in b.items() if k not in ("ms_per_step", "images_per_s")}
+    a, b = final_checkpoint(tmp_path / "every"), final_checkpoint(tmp_path / "batched")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_training_on_mds_data_needs_the_encoders_for_sample_grids(tmp_path):
     """MDS shards do not record their VAE and text encoder: a run that would draw sample
     grids must be told them, and says so before its first step, not at its first grid."""
@@ -1628,6 +1666,33 @@ def test_compile_mode_reaches_torch_compile(train_data, tmp_path, monkeypatch):
                           "max-autotune-no-cudagraphs"))
     assert modes == ["max-autotune-no-cudagraphs"]
     assert final_checkpoint(tmp_path)["config"]["compile_mode"] == "max-autotune-no-cudagraphs"
+
+
+def test_inductor_settings_reach_torch_compile(train_data, tmp_path, monkeypatch):
+    import bench
+    import torch._inductor.config as inductor_config
+    # set to their current values first, so that the test leaves them as it found them
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning",
+                        inductor_config.coordinate_descent_tuning)
+    monkeypatch.setattr(inductor_config.triton, "unique_kernel_names",
+                        inductor_config.triton.unique_kernel_names)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(
+        (inductor_config.coordinate_descent_tuning, inductor_config.triton.unique_kernel_names))
+        or model)
+    settings = {"coordinate_descent_tuning": not inductor_config.coordinate_descent_tuning,
+                "triton.unique_kernel_names": not inductor_config.triton.unique_kernel_names}
+    train.main(train_args(train_data, tmp_path, "--steps", "1", "--compile", "--inductor",
+                          json.dumps(settings)))
+    assert seen == [tuple(settings.values())]
+    assert final_checkpoint(tmp_path)["config"]["inductor"] == settings
+    for bad, said in [('{"no_such_setting": 1}', "'no_such_setting' is not a torch._inductor"),
+                      ('{"triton.nope": 1}', "'triton.nope' is not"),
+                      ('["coordinate_descent_tuning"]', "takes a JSON object")]:
+        with pytest.raises(SystemExit, match=said):
+            train.cli(train_args(train_data, tmp_path / "bad", "--inductor", bad))
+        with pytest.raises(SystemExit, match=said):
+            bench.main(["--quick", "--inductor", bad, "--skip", "train", "sample", "data"])
 
 
 def test_a_run_records_its_code_and_versions(train_data, tmp_path):

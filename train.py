@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="max-autotune-no-cudagraphs: minutes more compiling, tunes the "
                         "matmuls and fuses their epilogues")
+    p.add_argument("--inductor", default="{}",
+                   help='JSON of torch._inductor.config settings for torch.compile, e.g. '
+                        '\'{"coordinate_descent_tuning": true}\'')
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer "
@@ -103,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept per phase")
     p.add_argument("--sample-every", type=int, default=5000,
                    help="steps between sample grids (0: none)")
+    p.add_argument("--log-every", type=int, default=10, help="read the statistics from the "
+                   "device every N steps (each read waits for the GPU); every step is logged")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many "
                                                                 "non-finite steps in a row")
     p.add_argument("--vae", help="VAE for sample grids (default: the data's)")
@@ -131,15 +136,45 @@ def resolve_config(args):
             cfg[key] = value
     for key in ("preset", "data", "out", "batch_size", "weight_decay", "aux_loss_weight", "seed",
                 "compile", "compile_mode", "dtype", "fsdp", "activation_checkpointing",
-                "ckpt_every", "keep", "sample_every", "max_bad_steps", "vae", "clip", "init",
+                "ckpt_every", "keep", "sample_every", "log_every", "max_bad_steps", "vae", "clip", "init",
                 "demo"):
         cfg[key] = getattr(args, key)
     cfg["model"] = json.loads(args.model)
+    cfg["inductor"] = inductor_options(args.inductor)
     unknown = set(cfg["model"]) - {f.name for f in dataclasses.fields(DiTConfig)}
     if unknown:
         raise ValueError(f"--model: {sorted(unknown)} are not DiTConfig fields; they are "
                          f"{[f.name for f in dataclasses.fields(DiTConfig)]}")
     return cfg
+
+
+def inductor_setting(name):
+    """(object, attribute) of a torch._inductor.config setting; dotted names reach its
+    sub-configs, e.g. "triton.unique_kernel_names"."""
+    import torch._inductor.config as owner
+    *path, attr = name.split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+    if owner is None or not hasattr(owner, attr):
+        raise ValueError(f"--inductor: {name!r} is not a torch._inductor.config setting "
+                         f"(they are listed in torch/_inductor/config.py)")
+    return owner, attr
+
+
+def inductor_options(text):
+    """--inductor JSON -> {setting: value}, every name checked."""
+    options = json.loads(text)
+    if not isinstance(options, dict):
+        raise ValueError(f"--inductor takes a JSON object of settings, got {text!r}")
+    for name in options:
+        inductor_setting(name)
+    return options
+
+
+def set_inductor_options(options):
+    """Apply the settings to every torch.compile from here on."""
+    for name, value in options.items():
+        setattr(*inductor_setting(name), value)
 
 
 def learning_rate(cfg, phase_step):
@@ -524,6 +559,8 @@ def main(argv=None):
         ema_obj = EMA(raw)
         ema_obj.state = {k: shard_as(ema[k], v) for k, v in ema_obj.state.items()}
 
+    if use_compile:
+        set_inductor_options(cfg["inductor"])
     model = torch.compile(raw, mode=cfg["compile_mode"]) if use_compile else raw
     if world > 1 and not fsdp:
         # gradients as views into DDP's all-reduce buckets: no second copy of them (4.7 GB
@@ -553,8 +590,11 @@ def main(argv=None):
     bad_in_a_row, skipped = 0, 0
     T = (H // model_cfg.patch_size) ** 2
     bucket_edges = torch.tensor(SIGMA_BUCKETS, device=device)
+    # each step's statistics stay on the device until --log-every steps have gathered (or a
+    # checkpoint, grid or the end comes): reading them makes the host wait for the GPU, and
+    # every wait leaves the GPU idle while the host queues the next step
+    pending, t_read = [], time.perf_counter()
     while step < end:
-        t0 = time.perf_counter()
         phase_step = step - phase_start
         lr = learning_rate(cfg, phase_step)
         for group in optimizer.param_groups:
@@ -593,13 +633,11 @@ def main(argv=None):
         if world > 1:
             dist.all_reduce(stats)
             stats[0] /= world
-        grad_norm = grad_norm.item()  # the same on every rank: gradients were all-reduced
-        if math.isfinite(grad_norm):
-            optimizer.step()
-            bad_in_a_row = 0
-        else:  # skip the update; the run stops below after too many in a row
-            skipped += 1
-            bad_in_a_row += 1
+        # non-finite gradients (the same on every rank: they were all-reduced): the fused
+        # AdamW skips the update on the device, GradScaler's mechanism, so the host need not
+        # look at the norm first; the skip is counted when the statistics are read
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         phase_step += 1
@@ -610,36 +648,49 @@ def main(argv=None):
             else:
                 ema_obj.update(raw, cfg["ema_decay"])
 
-        # --- log (loss and buckets averaged over all ranks)
-        stats = stats.tolist()
-        dt = time.perf_counter() - t0
-        images_per_s = cfg["batch_size"] / dt
-        sums, counts = stats[1:1 + len(SIGMA_BUCKETS) + 1], stats[2 + len(SIGMA_BUCKETS):]
-        record = {"step": step, "loss": stats[0], "grad_norm": grad_norm, "lr": lr,
-                  "ms_per_step": 1000 * dt, "images_per_s": images_per_s,
-                  "mfu": flops_per_image * images_per_s / (peak * world) if peak else None,
-                  "skipped": skipped,
-                  **{name: s / c for name, s, c in zip(bucket_names(), sums, counts) if c}}
-        if master:
-            log_file.write(json.dumps(finite_or_null(record)) + "\n")
-            log_file.flush()
-            mfu = f" mfu {100 * record['mfu']:.1f}%" if peak else ""
-            bar.set_postfix_str(f"loss {stats[0]:.4f} gnorm {grad_norm:.3f} lr {lr:.2e} "
-                                f"{1000 * dt:.0f}ms {images_per_s:.0f}img/s{mfu}", refresh=False)
-            bar.update(1)
-
-        if bad_in_a_row >= cfg["max_bad_steps"]:
-            bar.close()
-            if world > 1:
-                dist.destroy_process_group()
-            sys.exit(f"stopping: {bad_in_a_row} steps in a row with non-finite gradients at "
-                     f"step {step}. The last good checkpoint in {folder} is intact; lower "
-                     f"--lr or --grad-clip and resume from it.")
-
-        # --- checkpoint and samples
+        # --- log: one host-device sync per --log-every steps, and one line per step
+        pending.append((step, lr, torch.cat([grad_norm.reshape(1).float(), stats])))
         save_now = step % cfg["ckpt_every"] == 0 or step == end
         sample_now = cfg["sample_every"] > 0 and (step % cfg["sample_every"] == 0
                                                   or step == end)
+        if len(pending) < cfg["log_every"] and not (save_now or sample_now):
+            continue
+        rows = torch.stack([values for *_, values in pending]).tolist()
+        dt = (time.perf_counter() - t_read) / len(pending)  # the mean over the steps read
+        stop_at = None
+        for (at, lr_at, _), (norm_at, loss_at, *by_sigma) in zip(pending, rows):
+            if math.isfinite(norm_at):
+                bad_in_a_row = 0
+            else:  # the update was skipped; the run stops below after too many in a row
+                skipped += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= cfg["max_bad_steps"] and stop_at is None:
+                    stop_at = at
+            images_per_s = cfg["batch_size"] / dt
+            sums, counts = by_sigma[:len(SIGMA_BUCKETS) + 1], by_sigma[len(SIGMA_BUCKETS) + 1:]
+            record = {"step": at, "loss": loss_at, "grad_norm": norm_at, "lr": lr_at,
+                      "ms_per_step": 1000 * dt, "images_per_s": images_per_s,
+                      "mfu": flops_per_image * images_per_s / (peak * world) if peak else None,
+                      "skipped": skipped,
+                      **{name: s / c for name, s, c in zip(bucket_names(), sums, counts) if c}}
+            if master:
+                log_file.write(json.dumps(finite_or_null(record)) + "\n")
+        if master:
+            log_file.flush()
+            mfu = f" mfu {100 * record['mfu']:.1f}%" if peak else ""
+            bar.set_postfix_str(f"loss {loss_at:.4f} gnorm {norm_at:.3f} lr {lr_at:.2e} "
+                                f"{1000 * dt:.0f}ms {images_per_s:.0f}img/s{mfu}", refresh=False)
+            bar.update(len(pending))
+        pending = []
+        if stop_at is not None:
+            bar.close()
+            if world > 1:
+                dist.destroy_process_group()
+            sys.exit(f"stopping: {cfg['max_bad_steps']} steps in a row with non-finite "
+                     f"gradients at step {stop_at}. The last good checkpoint in {folder} is "
+                     f"intact; lower --lr or --grad-clip and resume from it.")
+
+        # --- checkpoint and samples
         if save_now or sample_now:
             model_state = gathered(raw.state_dict())
             ema_state = gathered(ema_obj.state) if ema_obj else None
@@ -661,6 +712,7 @@ def main(argv=None):
             path = os.path.join(folder, f"samples_{step:09d}.png")
             save_sample_grid(ema_state or model_state, model_cfg, encoders, prompts, path, device)
             tqdm.write(f"step {step}: samples in {path}")
+        t_read = time.perf_counter()  # checkpoints and grids are not training time
     bar.close()
     if master:
         log_file.close()
