@@ -1846,11 +1846,13 @@ def test_torchrun_two_processes_equal_one(train_data, tmp_path, mode):
     checkpoints hold whole tensors, so a sharded run also resumes exactly from one."""
     micro = "2" if mode == "ddp accumulating" else "4"
     args = train_args(train_data, "OUT", "--steps", "4", "--ckpt-every", "2", "--micro-batch", micro,
+                      "--ema-decay", "0.5", "--ema-start", "1",
                       *(["--fsdp"] if mode == "fsdp" else []))
     run_train(args, tmp_path / "one")
     run_train(args, tmp_path / "two", processes=2)
     one, two = final_checkpoint(tmp_path / "one"), final_checkpoint(tmp_path / "two")
     assert_same_weights(one, two)
+    assert_same_weights({"model": one["ema"]}, {"model": two["ema"]})  # sharded EMA under FSDP
     assert [r["loss"] for r in logged(tmp_path / "one")] == pytest.approx(
         [r["loss"] for r in logged(tmp_path / "two")], rel=1e-5)
     assert one["optimizer"]["state"].keys() == two["optimizer"]["state"].keys()

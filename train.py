@@ -373,9 +373,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, net, decay):
-        for k, v in net.state_dict().items():
-            if v.is_floating_point():
-                self.state[k].lerp_(v.float(), 1 - decay)
+        # multi-tensor kernels, as torch.optim.swa_utils does, not a launch per tensor; one
+        # call for FSDP's sharded tensors and one for the rest (its buffers stay whole)
+        for sharded in (False, True):
+            pairs = [(self.state[k], v.float()) for k, v in net.state_dict().items()
+                     if v.is_floating_point() and isinstance(v, DTensor) == sharded]
+            if pairs:
+                torch._foreach_lerp_([ema for ema, _ in pairs], [now for _, now in pairs],
+                                     1 - decay)
 
 
 def shard(raw, world, device):
@@ -497,8 +502,10 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
     info = data_info(cfg["data"])
+    # pinned batches on CUDA: CUDA copies pageable memory through a staging buffer and may
+    # wait for the stream to finish the work queued before the copy, a sync every step
     loader = LatentLoader(cfg["data"], cfg["res"], cfg["micro_batch"], rank=rank,
-                          world_size=world, seed=cfg["seed"])
+                          world_size=world, seed=cfg["seed"], pin_memory=device.type == "cuda")
     C, H, _ = loader.latent_shape
 
     # --- model, optimizer, and where this phase starts from
