@@ -79,10 +79,10 @@ class TokenChoiceMoE(nn.Module):
 
         # choice-major order within each image: its tokens' first choices are served
         # before any second one
-        ids_expert = ids_expert.transpose(1, 2).reshape(N, K * T)
-        gates = gates.transpose(1, 2).reshape(N, K * T)
+        ids_expert = ids_expert.transpose(1, 2).reshape(N, K * T)     # (N, K*T)
+        gates = gates.transpose(1, 2).reshape(N, K * T)               # (N, K*T)
         image = torch.arange(N, device=x.device).view(N, 1)
-        rows = (image * T + torch.arange(T, device=x.device).repeat(K)).reshape(-1)  # in x
+        rows = (image * T + torch.arange(T, device=x.device).repeat(K)).reshape(-1)  # (N*K*T,)
         onehot = F.one_hot(ids_expert, E)                              # (N, K*T, E)
         position = (onehot.cumsum(1) * onehot).sum(-1) - 1            # slot within expert
         kept = position < C

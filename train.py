@@ -136,8 +136,8 @@ def resolve_config(args):
             cfg[key] = value
     for key in ("preset", "data", "out", "batch_size", "weight_decay", "aux_loss_weight", "seed",
                 "compile", "compile_mode", "dtype", "fsdp", "activation_checkpointing",
-                "ckpt_every", "keep", "sample_every", "log_every", "max_bad_steps", "vae", "clip", "init",
-                "demo"):
+                "ckpt_every", "keep", "sample_every", "log_every", "max_bad_steps", "vae",
+                "clip", "init", "demo"):
         cfg[key] = getattr(args, key)
     cfg["model"] = json.loads(args.model)
     cfg["inductor"] = inductor_options(args.inductor)
