@@ -572,8 +572,9 @@ def main(argv=None):
     if world > 1 and not fsdp:
         # gradients as views into DDP's all-reduce buckets: no second copy of them (4.7 GB
         # for MicroDiT_XL_2) and no copy into the buckets after each backward
+        # (buffers not broadcast before every forward: pos_embed and mask_token are constants)
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
+                    gradient_as_bucket_view=True, broadcast_buffers=False)
 
     flops_per_image = train_flops_per_image(model_cfg, H, cfg["mask_ratio"])
     peak = peak_flops(device)
