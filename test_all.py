@@ -1568,6 +1568,50 @@ def test_ema_runs_in_training(train_data, tmp_path):
     assert not torch.equal(ema[w], model[w])                    # lags the weights
 
 
+def test_checkpoint_writer_copies_the_state_before_the_training_goes_on(tmp_path, monkeypatch):
+    """The write runs in a background thread while the training changes the weights in
+    place: the file must hold the values of the moment of the save."""
+    import threading
+    stepped, real_save = threading.Event(), train.save_checkpoint
+
+    def slow_disk(*args):  # the write starts only after the training changed the weights
+        stepped.wait(10)
+        real_save(*args)
+
+    monkeypatch.setattr(train, "save_checkpoint", slow_disk)
+    weight = torch.arange(6.0).reshape(2, 3)
+    writer = train.CheckpointWriter()
+    writer.save(str(tmp_path), {"model": {"w": weight}, "rng": [{"cpu": torch.ones(2)}],
+                                "step": 7}, keep=2)
+    weight.add_(100.0)  # the next optimizer step
+    stepped.set()
+    writer.close()
+    saved = train.load_checkpoint(train.checkpoints(str(tmp_path))[-1])
+    assert torch.equal(saved["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    assert saved["step"] == 7 and torch.equal(saved["rng"][0]["cpu"], torch.ones(2))
+
+
+def test_checkpoint_writer_hands_a_failed_background_write_to_the_training(tmp_path):
+    (tmp_path / "a_file").write_text("")  # a folder that cannot be made
+    writer = train.CheckpointWriter(background=True)
+    writer.save(str(tmp_path / "a_file" / "phase1"), {"step": 3}, keep=1)
+    with pytest.raises(train.CheckpointWriteError, match="checkpoint of step 3 .* failed"):
+        writer.close()
+    writer.close()  # raised once
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_a_message(train_data, tmp_path,
+                                                                          monkeypatch):
+    def full_disk(folder, state, keep):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    with pytest.raises(SystemExit, match=r"writing the checkpoint of step 3 to .*phase1 failed "
+                                         r"\(OSError: \[Errno 28\] No space left on device\)"):
+        train.cli(train_args(train_data, tmp_path))
+    assert logged(tmp_path)[-1]["step"] <= 6  # it stopped at the next save, or the end
+
+
 def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatch):
     train.main(train_args(train_data, tmp_path, "--steps", "3"))
     folder = str(tmp_path / "phase1")

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -263,6 +264,59 @@ def save_checkpoint(folder, state, keep):
     atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoints(folder)[:-keep]:
         os.remove(old)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a folder that cannot be made)."""
+
+
+class CheckpointWriter:
+    """Writes checkpoints from a background thread when training on GPUs: the step waits for
+    a copy of the state in CPU memory, not for the disk (a MicroDiT_XL_2 checkpoint is 14 to
+    18.6 GB). One write at a time; a failed write is raised at the next save or at close().
+    On a CPU the thread would compete with the training for the same cores (BENCHMARKS.md:
+    no gain on 2 cores), so there it writes before returning."""
+
+    def __init__(self, background=True):
+        self.background = background
+        self.thread, self.error = None, None
+
+    def save(self, folder, state, keep):
+        self.close()
+        if not self.background:
+            self.write(folder, state, keep)
+            return self.close()
+        state = cpu_copy(state)  # the training goes on changing the originals
+        self.thread = threading.Thread(target=self.write, args=(folder, state, keep))
+        self.thread.start()
+
+    def write(self, folder, state, keep):
+        try:
+            save_checkpoint(folder, state, keep)
+        except Exception as e:  # handed to the training thread
+            self.error = CheckpointWriteError(
+                f"writing the checkpoint of step {state['step']} to {folder} failed "
+                f"({type(e).__name__}: {e}); the earlier checkpoints there are intact")
+
+    def close(self):
+        """Wait for the write in flight, and raise its error if it failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def cpu_copy(state):
+    """A copy of a nested state in which every tensor has CPU memory of its own."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return state
 
 
 def load_checkpoint(path):
@@ -602,6 +656,7 @@ def main(argv=None):
     # checkpoint, grid or the end comes): reading them makes the host wait for the GPU, and
     # every wait leaves the GPU idle while the host queues the next step
     pending, t_read = [], time.perf_counter()
+    writer = CheckpointWriter(background=device.type == "cuda")
     while step < end:
         phase_step = step - phase_start
         lr = learning_rate(cfg, phase_step)
@@ -691,6 +746,7 @@ def main(argv=None):
             bar.update(len(pending))
         pending = []
         if stop_at is not None:
+            writer.close()
             bar.close()
             if world > 1:
                 dist.destroy_process_group()
@@ -709,7 +765,7 @@ def main(argv=None):
                 dist.all_gather_object(rng, rng_state())
             opt_state = optimizer_state(optimizer)
             if master:
-                save_checkpoint(folder, {
+                writer.save(folder, {
                     "model": model_state, "ema": ema_state,
                     "optimizer": opt_state, "step": step,
                     "phase_step": phase_step, "phase_start": phase_start,
@@ -721,6 +777,7 @@ def main(argv=None):
             save_sample_grid(ema_state or model_state, model_cfg, encoders, prompts, path, device)
             tqdm.write(f"step {step}: samples in {path}")
         t_read = time.perf_counter()  # checkpoints and grids are not training time
+    writer.close()
     bar.close()
     if master:
         log_file.close()
@@ -741,11 +798,11 @@ command and run it again to resume from the latest. To use less memory per GPU:
 
 
 def cli(argv=None):
-    """main(), with a missing file, a bad flag or input, or running out of GPU memory said in
-    a message instead of a stack trace."""
+    """main(), with a missing file, a bad flag or input, a checkpoint that cannot be written
+    or running out of GPU memory said in a message instead of a stack trace."""
     try:
         main(argv)
-    except (FileNotFoundError, ValueError) as e:  # bad paths, data, flags: said in the message
+    except (FileNotFoundError, ValueError, CheckpointWriteError) as e:  # in the message
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError as e:
         sys.exit(f"{str(e).splitlines()[0]}\n\n{OUT_OF_MEMORY_ADVICE}")
