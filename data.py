@@ -32,9 +32,9 @@ import io
 import json
 import os
 import queue
+import sys
 import tarfile
 import threading
-import sys
 import time
 import warnings
 import weakref

@@ -429,9 +429,11 @@ class EMA:
     def update(self, net, decay):
         # multi-tensor kernels, as torch.optim.swa_utils does, not a launch per tensor; one
         # call for FSDP's sharded tensors and one for the rest (its buffers stay whole)
-        for sharded in (False, True):
-            pairs = [(self.state[k], v.float()) for k, v in net.state_dict().items()
-                     if v.is_floating_point() and isinstance(v, DTensor) == sharded]
+        groups = {False: [], True: []}
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                groups[isinstance(v, DTensor)].append((self.state[k], v.float()))
+        for pairs in groups.values():
             if pairs:
                 torch._foreach_lerp_([ema for ema, _ in pairs], [now for _, now in pairs],
                                      1 - decay)
