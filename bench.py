@@ -93,6 +93,67 @@ def alternate(variants, rounds, warmup, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+# What a kernel (CUDA) or an operator (CPU) does, read from its name; the first match wins.
+# Inductor names its Triton kernels after the operators it fused ("triton_per_fused__to_copy_
+# add_mul_native_layer_norm_12"), which is what splits the memory-bound rest of the step.
+KINDS = [
+    ("compiled graph (on CPU its C++ kernels are not timed one by one)",
+     ("compiledfxgraph", "compiled region", "compiledfunction")),
+    ("attention", ("attention", "sdpa", "flash", "fmha", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm",
+                "aten::bmm", "aten::baddbmm")),
+    ("optimizer and grad clipping", ("multi_tensor", "adam", "_foreach_")),
+    ("norm (+ modulation, residual)", ("layer_norm", "rsqrt", "var_mean")),
+    ("activation (GELU, SwiGLU)", ("gelu", "silu", "sigmoid")),
+    ("MoE dispatch: gathers, scatters, top-k", ("index", "scatter", "gather", "topk", "sort")),
+    ("softmax", ("softmax", "amax")),
+    ("other fused kernels (casts, adds, multiplies)", ("triton_", "cpp_fused")),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill", "cat")),
+]
+
+
+def kernel_kind(name):
+    low = name.lower()
+    for kind, marks in KINDS:
+        if any(mark in low for mark in marks):
+            return kind
+    return "other"
+
+
+def time_by_kind(prof, device, steps, top=4):
+    """[{kind, ms per step, top: its `top` heaviest kernels {name: ms per step}}], heaviest
+    kind first.
+    On CUDA: the kernels' own time on the device, without the annotation ranges, which
+    cover kernels already counted. On CPU: each operator's and range's self time (a
+    compiled graph's C++ kernels count in its range)."""
+    from torch.autograd import DeviceType
+    totals, names = {}, {}
+    for evt in prof.key_averages():
+        if device.type == "cuda":
+            annotation = (getattr(evt, "is_user_annotation", False) or "#" in evt.key
+                          or evt.key.startswith("Torch-Compiled Region"))
+            if evt.device_type != DeviceType.CUDA or annotation:
+                continue
+            us = evt.self_device_time_total
+        else:
+            us = evt.self_cpu_time_total
+        kind = kernel_kind(evt.key)
+        totals[kind] = totals.get(kind, 0.0) + us / 1000 / steps
+        names.setdefault(kind, {})[evt.key] = us / 1000 / steps
+    return [{"kind": kind, "ms": ms,
+             "top": dict(sorted(names[kind].items(), key=lambda kv: -kv[1])[:top])}
+            for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
+def print_time_by_kind(by_kind):
+    total = sum(row["ms"] for row in by_kind)
+    print(f"time per step by kind ({total:.1f} ms in all):")
+    for row in by_kind:
+        print(f"  {row['ms']:9.2f} ms {100 * row['ms'] / total:5.1f}%  {row['kind']}")
+        for name, each in row["top"].items():
+            print(f"  {'':24s}{each:8.2f} ms  {name[:90]}")
+
+
 def bench_training(args, cfg, device, autocast, peak):
     """Step time of eager and/or compiled training at mask 0 and the phase's mask ratio."""
     phase = PHASES[args.phase]
@@ -121,6 +182,8 @@ def bench_training(args, cfg, device, autocast, peak):
             fn()
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=30))
+        by_kind = time_by_kind(prof, device, steps=2)
+        print_time_by_kind(by_kind)
     t0 = time.perf_counter()
     seconds = alternate(variants, args.rounds, args.warmup, device)
     rows = []
@@ -131,6 +194,9 @@ def bench_training(args, cfg, device, autocast, peak):
                      "mfu": flops / s / peak if peak else None})
     result = {"rows": rows, "wall_s": time.perf_counter() - t0,
               "peak_memory_gb": peak_memory_gb(device)}
+    if args.profile:
+        result["profile"] = {"variant": {"compile": kinds[-1], "mask_ratio": masks[-1]},
+                             "ms_per_step_by_kind": by_kind}
     if device.type == "cuda":  # what the allocator held: the figure that decides a fit
         result["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
     masked = max(masks)
@@ -258,8 +324,9 @@ def main(argv=None):
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
     p.add_argument("--attention", action="store_true", help="time each attention shape of the "
                                                             "model under every SDPA backend")
-    p.add_argument("--profile", action="store_true", help="print an operator profile of two "
-                                                           "training steps first")
+    p.add_argument("--profile", action="store_true", help="profile two training steps first "
+                                                           "(the last variant): the top "
+                                                           "operators and the time by kind")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--max-memory-gb", type=float, help="CUDA: refuse allocations beyond this, "
                                                        "to check a fit on a smaller card")

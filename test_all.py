@@ -2435,6 +2435,43 @@ def test_bench_quick_mode_runs_and_reports_consistent_figures(tmp_path):
     assert results["data"]["samples_per_s"] > 0
 
 
+def test_bench_profile_splits_the_step_time_by_kind(capsys):
+    import bench
+    from torch.profiler import ProfilerActivity, profile
+    # kernel names from the H200 profile of the compiled XL step (docs/bench)
+    kinds = {
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wg": "attention",
+        "void cudnn::fusion::convert_dq_to_16bits<true>(void": "attention",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel": "optimizer and grad clipping",
+        "triton_poi_fused_gelu_gelu_backward_114": "activation (GELU, SwiGLU)",
+        "triton_per_fused__to_copy_add_mul_native_layer_norm_12": "norm (+ modulation, residual)",
+        "triton_poi_fused_index_select_7": "MoE dispatch: gathers, scatters, top-k",
+        "triton_poi_fused__to_copy_add_mul_3": "other fused kernels (casts, adds, multiplies)",
+        "Memcpy HtoD (Pageable -> Device)": "copies and fills",
+    }
+    assert {name: bench.kernel_kind(name) for name in kinds} == kinds
+
+    # a CPU profile: each operator's self time is counted once, in its kind, per step
+    a = torch.randn(384, 384)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            F.gelu(a @ a)
+    by_kind = {row["kind"]: row for row in bench.time_by_kind(prof, torch.device("cpu"), steps=3)}
+    self_ms = {e.key: e.self_cpu_time_total / 1000 / 3 for e in prof.key_averages()}
+    assert by_kind["matmul"]["ms"] == pytest.approx(self_ms["aten::mm"])
+    assert by_kind["activation (GELU, SwiGLU)"]["ms"] == pytest.approx(self_ms["aten::gelu"])
+    assert sum(row["ms"] for row in by_kind.values()) == pytest.approx(sum(self_ms.values()))
+
+    results = bench.main(["--quick", "--profile", "--masks", "0.75", "--skip", "sample", "data"])
+    printed = capsys.readouterr().out
+    profiled = results["train"]["profile"]
+    assert profiled["variant"] == {"compile": "eager", "mask_ratio": 0.75}
+    kinds_seen = [row["kind"] for row in profiled["ms_per_step_by_kind"]]
+    assert {"matmul", "attention", "optimizer and grad clipping"} <= set(kinds_seen)
+    assert "time per step by kind" in printed and kinds_seen[0] in printed
+
+
 @pytest.mark.parametrize("mask_before_mixer", [False, True])
 def test_bench_attention_shapes_are_the_models_attention_calls(monkeypatch, mask_before_mixer):
     import bench
