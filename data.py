@@ -32,10 +32,12 @@ import io
 import json
 import os
 import queue
+import re
 import sys
 import tarfile
 import threading
 import time
+import uuid
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 from text import load_text_encoder
@@ -146,23 +148,32 @@ class WorkShard:
     fingerprint: str         # changes when the input behind this shard changes
 
 
+SOURCES = ("a folder of images with .txt captions, a .tar, a folder or glob of .tar shards, "
+           "a COCO captions .json, or 'demo'")
+
+
 def detect_format(src):
     if src == "demo":
         return "demo"
+    if os.path.isdir(src):  # first: a folder's name may hold [ or * or end in .json
+        if os.path.exists(os.path.join(src, "index.json")):
+            raise ValueError(f"{src} already holds prepared shards (it has an index.json): "
+                             f"pass it to training directly (--data {src})")
+        names = os.listdir(src)
+        tars = [f for f in names if f.endswith(".tar")]
+        images = [f for f in names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        if tars and images:
+            raise ValueError(f"--src {src} holds both .tar files ({len(tars)}) and images "
+                             f"({len(images)}); which is the data? Pass the tars as a glob "
+                             f"('{os.path.join(src, '*.tar')}') or move them out of the folder")
+        return "tar" if tars else "folder"
     if src.endswith(".json"):
         return "coco"
     if src.endswith(".tar") or any(c in src for c in "*?["):
         return "tar"
-    if os.path.isdir(src):
-        if os.path.exists(os.path.join(src, "index.json")):
-            raise ValueError(f"{src} already holds prepared shards (it has an index.json): "
-                             f"pass it to training directly (--data {src})")
-        if any(f.endswith(".tar") for f in os.listdir(src)):
-            return "tar"
-        return "folder"
-    raise FileNotFoundError(f"--src {src}: no such file or folder (expected a folder of images "
-                            f"with .txt captions, a folder or glob of .tar shards, a COCO "
-                            f"captions .json, or 'demo')")
+    if os.path.exists(src):
+        raise ValueError(f"--src {src}: a file prepare does not read; expected {SOURCES}")
+    raise FileNotFoundError(f"--src {src}: no such file or folder (expected {SOURCES})")
 
 
 def _chunks(records, size, origin):
@@ -172,6 +183,8 @@ def _chunks(records, size, origin):
 
 
 def _read_if_exists(path):
+    """The caption file's bytes, or None when there is none. Other read errors (permissions,
+    a symlink loop, a failing disk) propagate, for decode_caption to count."""
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -202,7 +215,7 @@ def tar_shards(src):
     """One work shard per tar (img2dataset writes ~10k samples per tar). A folder means every
     .tar in it; a pattern is expanded with glob."""
     if os.path.isdir(src):
-        paths = sorted(glob.glob(os.path.join(src, "*.tar")))
+        paths = sorted(glob.glob(os.path.join(glob.escape(src), "*.tar")))
     else:
         paths = sorted(glob.glob(src))
     if not paths:
@@ -274,8 +287,17 @@ def _tar_record(tar_name, key, files):
 def coco_shards(json_path, images_dir, which, shard_size):
     """COCO captions: one sample per image with its first caption (file order), or one per
     caption (`which='all'`). Images without a caption are left out."""
-    with open(json_path) as f:
-        coco = json.load(f)
+    try:
+        with open(json_path) as f:
+            coco = json.load(f)
+        files = {im["id"]: im["file_name"] for im in coco["images"]}
+        annotations = [(a["image_id"], a["id"], a["caption"]) for a in coco["annotations"]]
+    except ValueError as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e}); is the download complete?")
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{json_path}: not a COCO captions file (expected \"images\" with "
+                         f"id and file_name, \"annotations\" with image_id, id and caption; "
+                         f"missing {e})")
     if images_dir is None:  # the usual layout: annotations/captions_X.json next to X/
         split = os.path.basename(json_path).removeprefix("captions_").removesuffix(".json")
         here = os.path.dirname(os.path.abspath(json_path))
@@ -284,10 +306,9 @@ def coco_shards(json_path, images_dir, which, shard_size):
         if images_dir is None:
             raise FileNotFoundError(f"{json_path}: cannot find its images (looked in "
                                     f"{' and '.join(candidates)}); pass --coco-images DIR")
-    files = {im["id"]: im["file_name"] for im in coco["images"]}
     captions = collections.defaultdict(list)
-    for ann in coco["annotations"]:
-        captions[ann["image_id"]].append((ann["id"], ann["caption"]))
+    for image_id, ann_id, caption in annotations:
+        captions[image_id].append((ann_id, caption))
     records = []
     for image_id in sorted(files):
         path = os.path.join(images_dir, files[image_id])
@@ -307,20 +328,36 @@ def demo_shards(n, seed, res, shard_size):
 # ----------------------------------------------------------------------------------------
 # one sample: decode, repair, resize; nothing here raises on bad input, it counts instead
 
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def decode_caption(raw, counts):
-    """bytes/str -> stripped str, or None when missing or empty. Non-UTF-8 bytes are read as
-    Windows-1252, the usual culprit (b'caf\\xe9' -> 'café')."""
+    """bytes/str -> stripped str, or None when missing, unreadable or empty. UTF-16 with a
+    byte-order mark (Windows Notepad's "Unicode") is read as such; other non-UTF-8 bytes as
+    Windows-1252, the usual culprit (b'caf\\xe9' -> 'café'). Control characters (NULs, ...)
+    are dropped."""
     if callable(raw):
-        raw = raw()
+        try:
+            raw = raw()
+        except OSError:  # permissions, a symlink loop, a failing disk
+            counts["unreadable_caption"] += 1
+            return None
     if raw is None:
         counts["missing_caption"] += 1
         return None
     if isinstance(raw, bytes):
         try:
-            raw = raw.decode("utf-8-sig")
+            if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raw = raw.decode("utf-16")
+                counts["utf16_caption"] += 1
+            else:
+                raw = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             counts["non_utf8_caption"] += 1
             raw = raw.decode("cp1252", errors="replace")
+    raw, removed = CONTROL_CHARACTERS.subn("", raw)
+    if removed:
+        counts["control_characters"] += 1
     text = raw.strip()
     if not text:
         counts["empty_caption"] += 1
@@ -350,6 +387,7 @@ def to_rgb(img, counts):
     return img.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112
 MAX_ASPECT = 16  # longer side over shorter beyond which resize_center_crop resamples a box
 
 
@@ -396,6 +434,9 @@ def load_sample(record, resolutions):
     try:
         img = record.load_image()
         img.load()  # truncated or corrupt files fail here, not at open
+        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a phone photo, stored sideways
+            conversions["exif_rotated"] += 1
+            img = ImageOps.exif_transpose(img)
         img = to_rgb(img, conversions)
         if min(img.size) < max(resolutions):
             conversions["upscaled"] += 1
@@ -416,7 +457,7 @@ def load_sample(record, resolutions):
 def posterior_generator(seed, key, res):
     """The generator for one sample's VAE posterior noise: a function of (seed, sample key,
     resolution) alone, so latents do not depend on batch size, rank count or restarts."""
-    digest = hashlib.sha256(f"{seed}/{res}/{key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}/{res}/{key}".encode("utf-8", "surrogateescape")).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
@@ -467,7 +508,7 @@ def column_path(out, name, column):
 def atomic_write(path, write):
     """write(f) to a private temporary name, then rename: readers and restarted runs see the
     whole file or none of it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # pids repeat across hosts
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -507,8 +548,8 @@ def read_manifest(out, shard_id):
         return None
 
 
-SKIP_REASONS = ("missing_caption", "empty_caption", "missing_image", "unreadable_image",
-                "bad_tar")  # bad_tar: a tar that could not be read to its end
+SKIP_REASONS = ("missing_caption", "empty_caption", "unreadable_caption", "missing_image",
+                "unreadable_image", "bad_tar")  # bad_tar: a tar that could not be read to its end
 
 
 def finish_index(out, num_shards, info):
@@ -592,19 +633,23 @@ def _bounded_map(pool, fn, items, window):
         yield pending.popleft().result()
 
 
-def _settings(cfg, fmt, shards):
+def _settings(cfg, fmt, shards, dtype):
     """What decides the content of the shards; a restarted run must match it."""
     return {"format": fmt, "src": cfg.src if fmt == "demo" else os.path.abspath(cfg.src),
             "resolutions": sorted(cfg.res), "vae": cfg.vae, "clip": cfg.clip, "seed": cfg.seed,
             "shard_size": cfg.shard_size, "coco_captions": cfg.coco_captions,
             "n": cfg.n if fmt == "demo" else None, "num_shards": len(shards),
+            "dtype": dtype,
             "inputs_sha256": hashlib.sha256(
-                "\n".join(s.fingerprint for s in shards).encode()).hexdigest()}
+                "\n".join(s.fingerprint for s in shards).encode("utf-8", "surrogateescape")
+            ).hexdigest()}
 
 
 def _check_settings(out, settings):
+    """Refuse to add to shards made with other settings. A prepare.json without any shard
+    (a run stopped before its first one, by a mistyped --vae, say) binds nothing."""
     path = os.path.join(out, "prepare.json")
-    if os.path.exists(path):
+    if os.path.exists(path) and glob.glob(os.path.join(out, "shard-*.json")):
         with open(path) as f:
             old = json.load(f)
         diff = [f"{k}: {old.get(k)!r} then, {v!r} now" for k, v in settings.items()
@@ -664,9 +709,17 @@ def prepare(cfg, rank=None, world_size=None):
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if cfg.coco_captions not in ("first", "all"):
         raise ValueError(f"--coco-captions {cfg.coco_captions!r}: 'first' or 'all'")
+    for flag, value in [("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size),
+                        ("--workers", cfg.workers), ("--n", cfg.n),
+                        *[("--res", r) for r in cfg.res]]:
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    if cfg.vae != "none" and any(r % 8 for r in cfg.res):
+        raise ValueError(f"--res {' '.join(map(str, cfg.res))}: with a VAE every resolution "
+                         f"must be a multiple of 8 (its latents are res / 8 on a side)")
     fmt, shards = work_shards(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    settings = _settings(cfg, fmt, shards)
+    settings = _settings(cfg, fmt, shards, str(dtype).removeprefix("torch."))
     _check_settings(cfg.out, settings)
     mine = [i for i in range(rank, len(shards), world_size)]
     todo = [i for i in mine if read_manifest(cfg.out, i) is None]
@@ -715,6 +768,24 @@ class NpyShard:
         self.root, self.name, self.num_samples = root, name, num_samples
         self._columns = {}
         self._manifest = None
+
+    def check(self, columns):
+        """Each column file against index.json ({column: (dtype, row shape)}): a missing,
+        cut short or replaced file is reported when the data set opens, not when a batch
+        first draws from it hours into a run."""
+        for column, (dtype, shape) in columns.items():
+            path = column_path(self.root, self.name, column)
+            try:
+                array = np.load(path, mmap_mode="r")  # reads the header, maps the whole length
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path}: cannot be read ({e}); the shard is missing or "
+                                 f"damaged: delete {self.name}.* and rerun the same "
+                                 f"`python data.py prepare` to rewrite it") from None
+            expected = (self.num_samples, *shape)
+            if array.shape != expected or str(array.dtype) != dtype:
+                raise ValueError(f"{path}: {array.dtype} {list(array.shape)}, index.json says "
+                                 f"{dtype} {list(expected)}; the shard was changed after "
+                                 f"indexing")
 
     def column(self, column):
         if column not in self._columns:
@@ -770,6 +841,26 @@ class MDSShard:
         self.shapes = shapes
         self._data = None  # uint8 memory map, opened on first use
         self._starts, self._sizes = {}, {}
+
+    def check(self):
+        """The file's length against its own last offset, reading 8 bytes: a missing or cut
+        short shard (a partial download) is reported when the data set opens."""
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = int(np.frombuffer(f.read(4), np.uint32)[0]) if size >= 4 else None
+                if n is not None and size >= 4 * (n + 2):
+                    f.seek(4 * (n + 1))
+                    end = int(np.frombuffer(f.read(4), np.uint32)[0])
+                else:
+                    end = None
+        except OSError as e:
+            raise ValueError(f"{self.path}: cannot be read ({e}); download the shard "
+                             f"again") from None
+        if end != size:
+            raise ValueError(f"{self.path}: {size:,} bytes, but its header says "
+                             f"{'more' if end is None else f'{end:,}'}: the file is cut short "
+                             f"or not an MDS shard; download it again")
 
     def _open(self):
         if self._data is not None:
@@ -872,8 +963,13 @@ class LatentDataset:
                 f"{path}: no index.json, so this is not a prepared dataset. Prepare one with "
                 f"`python data.py prepare --src IMAGES --out {path} ...` (or `python data.py "
                 f"demo --out {path}`), or point at a MosaicML MDS folder.{hint}")
-        with open(index_path) as f:
-            index = json.load(f)
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{index_path}: not valid JSON ({e}); the file is damaged: "
+                             f"rerun the `python data.py prepare` that made it (it rewrites "
+                             f"the index from the shards), or download it again") from None
         self.path = path
         self.info = {}  # the index's metadata (encoders, resolutions, ...); MDS has none
         if index.get("format") == FORMAT:
@@ -892,7 +988,13 @@ class LatentDataset:
         if not self.shards:
             raise ValueError(f"{path}: the index lists no samples")
         if self.kind == "mds":
+            for shard in self.shards:
+                shard.check()
             self.columns.update(self.shards[0].infer_shapes())
+        else:
+            expected = {c: (v["dtype"], tuple(v["shape"])) for c, v in index["columns"].items()}
+            for shard in self.shards:
+                shard.check(expected)
         self.offsets = np.cumsum([0] + [s.num_samples for s in self.shards])
         self.num_samples = int(self.offsets[-1])
 
@@ -1318,6 +1420,14 @@ def main(argv=None):
                    "and time the rest of the first epoch only, so reads come from the disk")
 
     args = parser.parse_args(argv)
+    try:
+        return run_command(parser, args)
+    except (FileNotFoundError, ValueError) as e:  # bad paths, settings or inputs: say so
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_command(parser, args):
     if args.command == "info":
         dataset = LatentDataset(args.path)
         print(f"{args.path}: {dataset.kind} format, {dataset.num_samples:,} samples in "
@@ -1338,11 +1448,7 @@ def main(argv=None):
         kw.update(src="demo", format="demo")
     cfg = PrepareConfig(**kw)
     print(json.dumps(asdict(cfg)))
-    try:
-        prepare(cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad paths, settings or inputs: say so
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prepare(cfg)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import collections
 import io
 import math
 import os
+import re
 import tarfile
 import shutil
 from pathlib import Path
@@ -925,6 +926,19 @@ def test_decode_caption():
     assert data.decode_caption(None, counts) is None
     assert data.decode_caption(lambda: b"lazy", counts) == "lazy"
     assert counts == {"non_utf8_caption": 1, "empty_caption": 1, "missing_caption": 1}
+    counts.clear()
+    # Notepad's "Unicode" is UTF-16 with a byte-order mark, either byte order
+    assert data.decode_caption("a cat".encode("utf-16"), counts) == "a cat"
+    assert data.decode_caption(b"\xfe\xff" + "a café".encode("utf-16-be"), counts) == "a café"
+    assert data.decode_caption(b"a\x00 dog\x1b", counts) == "a dog"
+    assert data.decode_caption(b"\x00\x00", counts) is None  # nothing but control characters
+    assert data.decode_caption("tab\tand\nnewline".encode(), counts) == "tab\tand\nnewline"
+
+    def unreadable():
+        raise PermissionError(13, "Permission denied")
+    assert data.decode_caption(unreadable, counts) is None
+    assert counts == {"utf16_caption": 2, "control_characters": 2, "empty_caption": 1,
+                      "unreadable_caption": 1}
 
 
 def _save(img, path, **kw):
@@ -996,6 +1010,74 @@ def test_folder_with_nasty_inputs(tmp_path):
     for i, key in enumerate(keys):
         atol = 1.01 / 127.5 if key in rounding else 1e-3  # else: float16 storage only
         np.testing.assert_allclose(px[i], expected[key], atol=atol, err_msg=key)
+
+
+def test_odd_paths_rotated_photos_and_unreadable_captions(tmp_path):
+    src = tmp_path / "photos [2024]"  # glob characters in a folder's name
+    src.mkdir()
+    # 32 x 16, left half red, right half blue, tagged "rotate 90 clockwise to display"
+    # (EXIF orientation 6: the stored left column is the displayed top row)
+    sideways = np.zeros((16, 32, 3), np.uint8)
+    sideways[:, :16, 0], sideways[:, 16:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[data.EXIF_ORIENTATION] = 6
+    Image.fromarray(sideways).save(src / "a_phone.png", exif=exif)
+    (src / "a_phone.txt").write_bytes("a red and blue flag".encode("utf-16"))
+    plain = np.full((16, 16, 3), 90, np.uint8)
+    # a file name that is not UTF-8 (Latin-1 'café'), as old archives have
+    with open(os.fsencode(src) + b"/b_caf\xe9.png", "wb") as f:
+        Image.fromarray(plain).save(f, format="PNG")
+    with open(os.fsencode(src) + b"/b_caf\xe9.txt", "wb") as f:
+        f.write(b"a grey square")
+    Image.fromarray(plain).save(src / "c_loop.png")
+    os.symlink("c_loop.txt", src / "c_loop.txt")  # a caption that cannot be opened
+    out = tmp_path / "out"
+    summary = run_prepare(src, out, res=[16])
+    assert summary["samples_written"] == 2
+    assert summary["skipped"] == {"unreadable_caption": 1}
+    assert summary["converted"] == {"exif_rotated": 1, "utf16_caption": 1}
+    manifest = shard_manifests(out)[0]
+    assert manifest["captions"] == ["a red and blue flag", "a grey square"]
+    assert manifest["keys"][1] == os.fsdecode(b"b_caf\xe9.png")
+    px = shard_arrays(out, "images_16").astype(np.float32)
+    # displayed upright (16 x 32), the centre square: red above blue
+    upright = np.zeros((16, 16, 3), np.uint8)
+    upright[:8, :, 0], upright[8:, :, 2] = 255, 255
+    np.testing.assert_allclose(px[0], unit(upright), atol=1.01 / 127.5)
+    np.testing.assert_allclose(px[1], unit(plain), atol=1e-3)
+
+
+def test_sources_that_cannot_be_read_are_explained(tmp_path):
+    bad = tmp_path / "images.tar.gz"
+    bad.write_bytes(b"\x1f\x8b")
+    with pytest.raises(ValueError, match="a file prepare does not read"):
+        data.detect_format(str(bad))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (8, 8)).save(mixed / "a.png")
+    (mixed / "stray.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="both .tar files.*and images"):
+        data.detect_format(str(mixed))
+    not_coco = tmp_path / "notcoco.json"
+    not_coco.write_text('{"categories": []}')
+    with pytest.raises(ValueError, match="notcoco.json: not a COCO captions file"):
+        run_prepare(not_coco, tmp_path / "o1")
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"images": [')
+    with pytest.raises(ValueError, match="cut.json: not valid JSON"):
+        run_prepare(cut, tmp_path / "o2")
+    for flag, value in [("res", [0]), ("shard_size", 0), ("batch_size", -1)]:
+        with pytest.raises(ValueError, match="must be at least 1"):
+            run_prepare(mixed / "a.png", tmp_path / "o3", **{flag: value})
+    with pytest.raises(ValueError, match="multiple of 8"):
+        run_prepare("demo", tmp_path / "o3", format="demo", res=[20], vae="fixtures/vae_tiny_4ch")
+    # a mistyped --vae stops the run before its first shard: the folder binds nothing yet
+    with pytest.raises(FileNotFoundError):
+        run_prepare("demo", tmp_path / "o4", format="demo", n=3, vae="weights/typo-vae")
+    assert run_prepare("demo", tmp_path / "o4", format="demo", n=3)["samples_written"] == 3
+    # once a shard exists, other settings are refused as before
+    with pytest.raises(ValueError, match="other settings"):
+        run_prepare("demo", tmp_path / "o4", format="demo", n=3, seed=1)
 
 
 def test_tar_shards_as_img2dataset_writes_them(tmp_path):
@@ -1337,6 +1419,49 @@ def test_mds_shards_read_like_ours(tmp_path):
     compressed = _write_mds(tmp_path / "zstd", [samples[:3]], compression="zstd")
     with pytest.raises(ValueError, match="compressed"):
         data.LatentDataset(compressed)
+
+
+def test_damaged_shards_are_found_when_the_data_opens(tmp_path, capsys):
+    """Not hours into a run, when a batch first draws from the damaged shard."""
+    rng = np.random.default_rng(6)
+    samples = [{"caption": f"c{i}", "caption_latents": rng.standard_normal((77, 8)).astype(np.float16),
+                "latents_256": rng.standard_normal((4, 32, 32)).astype(np.float16),
+                "latents_512": rng.standard_normal((4, 64, 64)).astype(np.float16)}
+               for i in range(6)]
+    mds = _write_mds(tmp_path / "mds", [samples[:3], samples[3:]])
+    shard = glob.glob(os.path.join(mds, "*", "shard.00000.mds"))[-1]
+    with open(shard, "r+b") as f:  # a partial download
+        f.truncate(os.path.getsize(shard) - 100)
+    with pytest.raises(ValueError, match="cut short or not an MDS shard"):
+        data.LatentDataset(mds)
+    with open(shard, "r+b") as f:
+        f.truncate(30)  # shorter than its own header
+    with pytest.raises(ValueError, match=f"{re.escape(shard)}: 30 bytes"):
+        data.LatentDataset(mds)
+
+    ours = id_dataset(tmp_path / "ours", 120, shard_size=50)
+    assert data.LatentDataset(ours).num_samples == 120
+    last = data.column_path(ours, data.shard_name(2), "latents_16")
+    np.save(last, np.zeros((20, 1, 2, 2), np.float16))  # broadcasts over the 4 channels
+    with pytest.raises(ValueError, match=r"float16 \[20, 1, 2, 2\], index.json says float16 \[20, 4, 2, 2\]"):
+        data.LatentDataset(ours)
+    whole = np.zeros((20, 4, 2, 2), np.float16)
+    np.save(last, whole)
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) - 8)
+    with pytest.raises(ValueError, match="shard-00002.latents_16.npy: cannot be read"):
+        data.LatentDataset(ours)
+    os.remove(last)
+    with pytest.raises(ValueError, match="shard-00002.latents_16.npy: cannot be read.*rerun"):
+        data.LatentDataset(ours)
+    np.save(last, whole)
+    index = os.path.join(ours, "index.json")
+    with open(index, "r+b") as f:
+        f.truncate(40)
+    with pytest.raises(ValueError, match="index.json: not valid JSON"):
+        data.LatentDataset(ours)
+    assert data.main(["info", str(tmp_path / "nothere")]) == 2  # a message, not a traceback
+    assert "no index.json" in capsys.readouterr().err
 
 
 def test_clear_errors(tmp_path):
