@@ -85,6 +85,9 @@ def with_stored_interp_scale(cfg, pos_embed):
     return cfg
 
 
+MICRODIT_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.y_proj.fc1.weight")
+
+
 def infer_config(state):
     """DiTConfig of a bare state_dict (a released .pt): sizes are read off the weights and
     the preset is the one whose every name and shape fits."""
@@ -116,20 +119,31 @@ def read_checkpoint(path):
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.torch import load_file
-        meta = safe_open(path, "pt").metadata() or {}
-        info = json.loads(meta.get("info", "{}"))
-        return load_file(path), info.get("model_config"), info
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read it as a checkpoint "
-                              f"({type(e).__name__}: {e})") from e
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
-        info = {k: ckpt.get(k) for k in ("vae", "clip", "step")}
-        info["data"] = (ckpt.get("config") or {}).get("data")  # what it was trained on
-        return state, ckpt.get("model_config"), info
-    return ckpt, None, {}
+        try:
+            meta = safe_open(path, "pt").metadata() or {}
+            info = json.loads(meta.get("info", "{}"))
+            state, config = load_file(path), info.get("model_config")
+        except Exception as e:  # SafetensorError on a cut-short or foreign file
+            raise CheckpointError(f"{path}: cannot read it as safetensors weights "
+                                  f"({type(e).__name__}: {e}); download or export it "
+                                  f"again") from None
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read it as a checkpoint "
+                                  f"({type(e).__name__}: {e})") from None
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+            state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
+            info = {k: ckpt.get(k) for k in ("vae", "clip", "step")}
+            info["data"] = (ckpt.get("config") or {}).get("data")  # what it was trained on
+            config = ckpt.get("model_config")
+        else:
+            state, config, info = ckpt, None, {}
+    if not isinstance(state, dict) or not all(k in state for k in MICRODIT_KEYS):
+        raise CheckpointError(f"{path}: not MicroDiT weights (a MicroDiT state_dict has "
+                              f"{', '.join(MICRODIT_KEYS)}, ...)")
+    return state, config, info
 
 
 def load_dit(path, preset=None, latent_size=None, device="cpu"):
@@ -308,6 +322,11 @@ def run(args):
     for name in ("steps", "n", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA GPU that torch can "
+                         f"use; --device cpu runs anywhere (slowly: minutes per image for XL)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file: name a folder for the images")
     prompts = read_prompts(args)
     ckpt = args.ckpt or hub_file(RELEASED_REPO, RELEASED_CKPT)
     net, text_encoder, vae, _ = load_pipeline(ckpt, args.vae, args.clip, args.device,

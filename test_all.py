@@ -715,6 +715,26 @@ def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
     assert run_sample("a cat", "--ckpt", path, "--preset", "MicroDiT_Tiny_2", "--vae", vae,
                       "--clip", "tiny-random") == 2
     assert "does not match MicroDiT_Tiny_2" in capsys.readouterr().err
+    # damaged or foreign files, and places that cannot take the images: messages, and
+    # before anything is generated
+    cut = tmp_path / "cut.safetensors"
+    save_file({"w": torch.zeros(64)}, str(cut))
+    cut.write_bytes(cut.read_bytes()[:-40])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    for bad, says in [(cut, "cannot read it as safetensors"), (foreign, "not MicroDiT weights"),
+                      (tensor, "not MicroDiT weights")]:
+        assert run_sample("a cat", "--ckpt", bad, "--vae", vae, "--clip", "tiny-random") == 2
+        assert says in capsys.readouterr().err
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    assert run_sample("a cat", "--ckpt", path, "--out", a_file) == 2
+    assert "is a file: name a folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_sample("a cat", "--ckpt", path, "--device", "cuda") == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_released_style_checkpoint_infers_its_preset(tiny_checkpoint):
@@ -1658,6 +1678,11 @@ def test_init_follows_the_phase_and_takes_bare_weights(train_data, tmp_path):
     # phase 2 from --init: the full state, as phase 2 starts without --init
     train.main(train_args(train_data, tmp_path / "p2", *common, "--phase", "2", "--init", p1))
     assert final_checkpoint(tmp_path / "p2", 2)["optimizer"]["state"][0]["step"] == 4
+    # a train.py checkpoint is one by its content, not by its name's ending
+    pth = str(tmp_path / "phase1_end.pth")
+    shutil.copy(p1, pth)
+    train.main(train_args(train_data, tmp_path / "p2pth", *common, "--phase", "2", "--init", pth))
+    assert final_checkpoint(tmp_path / "p2pth", 2)["optimizer"]["state"][0]["step"] == 4
     # bare weights (an export; a released .pt is a bare state_dict) start with those weights
     export = str(tmp_path / "weights.safetensors")
     train.main(train_args(train_data, out, *common, "--export", export))
@@ -1893,10 +1918,70 @@ def test_missing_data_is_a_message_not_a_stack_trace(tmp_path):
 def test_bad_flags_are_messages_not_stack_traces(train_data, tmp_path):
     with pytest.raises(SystemExit, match=r"error: --model: \['depht'\] are not DiTConfig"):
         train.cli(train_args(train_data, tmp_path, "--model", '{"depht": 2}'))
-    with pytest.raises(SystemExit, match="error: Expecting property name"):
+    with pytest.raises(SystemExit, match="error: --model '{depth: 2}' is not valid JSON"):
         train.cli(train_args(train_data, tmp_path, "--model", "{depth: 2}"))
+    with pytest.raises(SystemExit, match=r"--model cannot set \['caption_channels'\]"):
+        train.cli(train_args(train_data, tmp_path, "--model", '{"caption_channels": 128}'))
+    with pytest.raises(SystemExit, match="error: --inductor takes a JSON object"):
+        train.cli(train_args(train_data, tmp_path, "--inductor", "[1]"))
     with pytest.raises(SystemExit, match="error: global batch 8 must be a multiple"):
         train.cli(train_args(train_data, tmp_path, "--micro-batch", "3"))
+    # numbers that used to crash mid-run (a modulo by zero), delete every checkpoint (keep
+    # -1) or train nonsense (mask ratio 1: no patch left)
+    for flag, value, rule in [("--keep", -1, "at least 1"), ("--ckpt-every", 0, "at least 1"),
+                              ("--micro-batch", 0, "at least 1"), ("--batch-size", 0, "at least 1"),
+                              ("--steps", 0, "at least 1"), ("--mask-ratio", 1.0, r"\[0, 1\)"),
+                              ("--ema-decay", 1.0, r"\[0, 1\)"), ("--warmup", -5, "0 or more")]:
+        with pytest.raises(SystemExit, match=f"error: {flag} {value}: must be.*{rule}"):
+            train.cli(train_args(train_data, tmp_path, flag, value))
+    with pytest.raises(SystemExit, match="name the file FILE.safetensors"):
+        train.cli(train_args(train_data, tmp_path, "--export", str(tmp_path / "w.pt")))
+    with pytest.raises(SystemExit, match="--resume: .* has no checkpoint to resume from"):
+        train.cli(train_args(train_data, tmp_path / "typo", "--resume"))
+    with pytest.raises(SystemExit, match="error: --init .*nope.pt: no such file"):
+        train.cli(train_args(train_data, tmp_path, "--init", str(tmp_path / "nope.pt")))
+    assert not os.path.exists(tmp_path / "phase1" / "log.jsonl")  # nothing ran
+    with pytest.raises(SystemExit, match="8 x 8 latents do not split into 3 x 3 patches"):
+        train.cli(train_args(train_data, tmp_path, "--model", '{"patch_size": 3}'))
+
+
+def test_a_resume_keeps_its_recipe_and_survives_a_torn_log(train_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(train_args(train_data, out, "--steps", "4", "--ckpt-every", "2", "--lr", "2e-3",
+                          "--weight-decay", "0.05"))
+    log = out / "phase1" / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 5, "loss": 0.8')  # a kill in the middle of a write
+    # the resumed command forgets --lr and --weight-decay and asks for 2 more steps
+    args = train_args(train_data, out, "--steps", "6", "--ckpt-every", "2")
+    args[args.index("--lr"):args.index("--lr") + 2] = []
+    train.main(args)
+    printed = capsys.readouterr().out
+    assert "dropped 1 line(s)" in printed and "resuming with a changed recipe: steps 4 -> 6" in printed
+    records = logged(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[4]["lr"] == pytest.approx(train.learning_rate(
+        {"lr": 2e-3, "warmup": 2, "schedule": "cosine", "steps": 6, "min_lr_ratio": 0.33}, 4))
+    ckpt = final_checkpoint(out)
+    assert ckpt["config"]["lr"] == 2e-3 and ckpt["config"]["weight_decay"] == 0.05
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
+    # the next phase takes a new weight decay even though it carries the optimizer on, and
+    # its data from the phase it starts from
+    phase2 = train_args(train_data, out, "--phase", "2", "--steps", "2", "--weight-decay", "0")
+    phase2[phase2.index("--data"):phase2.index("--data") + 2] = []
+    train.main(phase2)
+    assert "--data: " + train_data in capsys.readouterr().out
+    assert final_checkpoint(out, 2)["optimizer"]["param_groups"][0]["weight_decay"] == 0.0
+    # another architecture asked for where a checkpoint sets it: refused, not ignored
+    with pytest.raises(SystemExit, match="ask for another architecture.*dim 128 \\(asked: 256\\)"):
+        train.main(train_args(train_data, out, "--phase", "2", "--steps", "4",
+                              "--preset", "MicroDiT_Tiny_2", "--model", '{"dim": 256}'))
+    # a damaged latest checkpoint is named, with what to do
+    latest = train.checkpoints(str(out / "phase2"))[-1]
+    with open(latest, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SystemExit, match=f"{re.escape(latest)}: cannot be read as a checkpoint.*move it away"):
+        train.cli(train_args(train_data, out, "--phase", "2", "--steps", "4"))
 
 
 def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_path,

@@ -1,8 +1,11 @@
 """Train MicroDiT with the paper's four-phase recipe.
 
-    python train.py --demo                                   # CPU, built-in shapes data, ~10 min
+    python train.py --demo                                   # CPU, built-in shapes data, ~13 min
     torchrun --nproc_per_node=8 train.py --phase 1 --preset MicroDiT_XL_2 --data DIR --out runs/xl
-    torchrun --nproc_per_node=8 train.py --phase 2 --out runs/xl   # starts from phase 1's end
+    torchrun --nproc_per_node=8 train.py --phase 2 --out runs/xl   # phase 1's end, and its data
+
+Rerunning a command resumes from the phase's latest checkpoint, with the recipe the
+checkpoint was trained with except what the command line sets again.
 
 One loop, top to bottom: schedule, checkpoint/samples, micro-steps, step, log. The same
 file runs as one process or under torchrun (DDP; NCCL on GPU, gloo on CPU).
@@ -64,17 +67,20 @@ SAMPLE_PROMPTS = ["a photo of a cat", "a red sports car on a mountain road",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--phase", type=int, default=1, choices=PHASES)
-    p.add_argument("--preset", default="MicroDiT_XL_2", choices=PRESETS)
+    p.add_argument("--preset", choices=PRESETS, help="architecture of a new model (default "
+                   "MicroDiT_XL_2; --demo: MicroDiT_CPU_2); a checkpoint brings its own")
     p.add_argument("--data", help="prepared data: DIR or 'DIR_A:0.6,DIR_B:0.4' (weights), "
-                                  "or 'demo'")
+                                  "or 'demo' (default when resuming or continuing from the "
+                                  "previous phase: the data it trained on)")
     p.add_argument("--out", default="runs/microdit", help="run directory (one folder per phase)")
     p.add_argument("--demo", action="store_true", help="CPU demo: MicroDiT_CPU_2 on the built-in "
                                                        "shapes data, about 10 minutes")
     p.add_argument("--init", help="start from this checkpoint instead of the previous phase's end")
-    p.add_argument("--resume", action="store_true", help="resume this phase (automatic when the "
-                                                         "phase folder has a checkpoint)")
-    p.add_argument("--export", metavar="FILE", help="write the latest checkpoint's weights (EMA "
-                                                    "when present) to FILE.safetensors and exit")
+    p.add_argument("--resume", action="store_true", help="insist on resuming: stop if the phase "
+                                                         "folder has no checkpoint (resuming is "
+                                                         "automatic when it has one)")
+    p.add_argument("--export", metavar="FILE.safetensors", help="write the latest checkpoint's "
+                   "weights (EMA when present) to FILE.safetensors and exit")
     # recipe overrides (default: the phase's value)
     for name, kind in [("res", int), ("base_res", int), ("mask_ratio", float), ("steps", int),
                        ("lr", float),
@@ -83,10 +89,10 @@ def parse_args(argv=None):
                        ("ema_start", int), ("micro_batch", int)]:
         p.add_argument("--" + name.replace("_", "-"), type=kind)
     p.add_argument("--schedule", choices=["cosine", "constant"])
-    p.add_argument("--batch-size", type=int, default=2048, help="global batch")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--aux-loss-weight", type=float, default=0.01, help="token-choice MoE only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="global batch (default 2048; --demo: 64)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--aux-loss-weight", type=float, help="token-choice MoE only (default 0.01)")
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
@@ -104,7 +110,7 @@ def parse_args(argv=None):
                    help="recompute each block's activations in the backward: less memory, "
                         "about a third more compute")
     p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per phase")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per phase (at least 1)")
     p.add_argument("--sample-every", type=int, default=5000,
                    help="steps between sample grids (0: none)")
     p.add_argument("--log-every", type=int, default=10, help="read the statistics from the "
@@ -118,34 +124,99 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# What a run trains with, besides the phase's recipe: a resumed run keeps the values its
+# checkpoint holds for these unless the command line sets them again
+RUN_DEFAULTS = dict(batch_size=2048, weight_decay=0.1, aux_loss_weight=0.01, seed=0)
+RECIPE_KEYS = (*[k for k in PHASES[1] if k != "init"], "base_res", *RUN_DEFAULTS, "data")
+DATA_FIELDS = ("in_channels", "input_size", "caption_channels", "pos_interp_scale")
+
+
+def given_flags(args):
+    """The recipe keys the command line sets."""
+    return {k for k in RECIPE_KEYS if getattr(args, k, None) is not None}
+
+
+def json_flag(flag, text):
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{flag} {text!r} is not valid JSON ({e}); e.g. "
+                         f"{flag} '{{\"depth\": 8}}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} takes a JSON object {{\"name\": value, ...}}, got {text!r}")
+    return value
+
+
 def resolve_config(args):
     """The phase recipe with every command-line override applied, as a plain dict."""
-    cfg = dict(PHASES[args.phase], phase=args.phase, base_res=PHASES[1]["res"])
+    cfg = dict(PHASES[args.phase], phase=args.phase, base_res=PHASES[1]["res"], **RUN_DEFAULTS)
+    cfg["preset"] = args.preset or "MicroDiT_XL_2"
     if args.demo:  # a recipe a 2-core CPU finishes in minutes; still overridable below
         # no masking: at 64 patches it saves little and slows learning; P_mean 0 trains more
         # at the noise levels where the layout (which shape, where) is decided
         cfg.update(res=16, base_res=16, mask_ratio=0.0, p_mean=0.0, steps=1500, lr=1e-3,
                    warmup=100, micro_batch=64, schedule="cosine", min_lr_ratio=0.1,
-                   ema_decay=0.995, ema_start=500)
-        args.preset, args.data = "MicroDiT_CPU_2", args.data or "demo"
-        args.batch_size = args.batch_size if args.batch_size != 2048 else 64
+                   ema_decay=0.995, ema_start=500, batch_size=64, data="demo",
+                   preset=args.preset or "MicroDiT_CPU_2")
         args.sample_every = min(args.sample_every, 500)
         args.ckpt_every = min(args.ckpt_every, 500)
-    for key in cfg:
+    for key in RECIPE_KEYS:
         value = getattr(args, key, None)
-        if value is not None and key != "phase":
+        if value is not None:
             cfg[key] = value
-    for key in ("preset", "data", "out", "batch_size", "weight_decay", "aux_loss_weight", "seed",
-                "compile", "compile_mode", "dtype", "fsdp", "activation_checkpointing",
+    cfg.setdefault("data", None)
+    for key in ("out", "compile", "compile_mode", "dtype", "fsdp", "activation_checkpointing",
                 "ckpt_every", "keep", "sample_every", "log_every", "max_bad_steps", "vae",
                 "clip", "init", "demo"):
         cfg[key] = getattr(args, key)
-    cfg["model"] = json.loads(args.model)
+    cfg["model"] = json_flag("--model", args.model)
     cfg["inductor"] = inductor_options(args.inductor)
-    unknown = set(cfg["model"]) - {f.name for f in dataclasses.fields(DiTConfig)}
+    fields = [f.name for f in dataclasses.fields(DiTConfig)]
+    unknown = set(cfg["model"]) - set(fields)
     if unknown:
         raise ValueError(f"--model: {sorted(unknown)} are not DiTConfig fields; they are "
-                         f"{[f.name for f in dataclasses.fields(DiTConfig)]}")
+                         f"{fields}")
+    from_data = sorted(set(cfg["model"]) & set(DATA_FIELDS))
+    if from_data:
+        raise ValueError(f"--model cannot set {from_data}: they follow from the data (latent "
+                         f"channels and size, caption width) and --res")
+    check_numbers(cfg)
+    return cfg
+
+
+def check_numbers(cfg):
+    """Values that would crash mid-run or train nonsense, refused before anything starts."""
+    def need(ok, key, rule):
+        if not ok:
+            raise ValueError(f"--{key.replace('_', '-')} {cfg[key]}: {rule}")
+    for key in ("steps", "batch_size", "micro_batch", "res", "base_res", "ckpt_every", "keep",
+                "log_every", "max_bad_steps"):
+        need(cfg[key] >= 1, key, "must be at least 1")
+    for key in ("warmup", "ema_start", "sample_every", "weight_decay", "aux_loss_weight", "lr"):
+        need(cfg[key] >= 0, key, "must be 0 or more")
+    for key in ("grad_clip", "p_std"):
+        need(cfg[key] > 0, key, "must be positive")
+    need(0 <= cfg["mask_ratio"] < 1, "mask_ratio", "must be in [0, 1): the share of patches "
+         "dropped, and at least one must stay")
+    need(0 <= cfg["ema_decay"] < 1, "ema_decay", "must be in [0, 1) (0: no EMA)")
+    need(0 <= cfg["min_lr_ratio"] <= 1, "min_lr_ratio", "must be in [0, 1]")
+
+
+def resumed_config(cfg, given, saved, note):
+    """A resumed run trains on with its checkpoint's recipe, except for what the command line
+    sets again: a command without the original --steps or --lr does not change the
+    schedule. Changes asked for are listed."""
+    cfg = dict(cfg)
+    changed = []
+    for key in RECIPE_KEYS:
+        if key not in saved:
+            continue
+        if key not in given:
+            cfg[key] = saved[key]
+        elif cfg[key] != saved[key]:
+            changed.append(f"{key} {saved[key]!r} -> {cfg[key]!r}")
+    if changed and note:
+        print(f"resuming with a changed recipe: {', '.join(changed)}")
     return cfg
 
 
@@ -164,9 +235,7 @@ def inductor_setting(name):
 
 def inductor_options(text):
     """--inductor JSON -> {setting: value}, every name checked."""
-    options = json.loads(text)
-    if not isinstance(options, dict):
-        raise ValueError(f"--inductor takes a JSON object of settings, got {text!r}")
+    options = json_flag("--inductor", text)
     for name in options:
         inductor_setting(name)
     return options
@@ -320,15 +389,33 @@ def cpu_copy(state):
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load raises many kinds on a damaged file
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Checkpoints are written "
+                         f"whole or not at all, so it was damaged after (a disk error, a "
+                         f"partial copy); if it is a run's latest, move it away to resume from "
+                         f"the one before") from None
 
 
 def open_log(path, step):
     """The JSONL log for appending from `step` on: lines of steps after it (written before a
-    crash, and about to be run again) are dropped first, so each step has one line."""
+    crash, and about to be run again) are dropped first, so each step has one line. A line
+    cut short by a kill or a full disk is dropped too."""
     if os.path.exists(path):
+        kept, torn = [], 0
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    torn += line.strip() != ""
+        if torn:
+            print(f"{path}: dropped {torn} line(s) that are not whole log records")
         atomic_write(path, lambda f: f.write("".join(kept).encode()))
     return open(path, "a")
 
@@ -340,17 +427,21 @@ def finite_or_null(record):
 
 
 def init_checkpoint(path):
-    """--init: a train.py checkpoint as it is, or bare weights (a released .pt, an exported
-    .safetensors) as a start that has weights only."""
+    """--init: a train.py checkpoint as it is (whatever its file name ends in), or bare
+    weights (a released .pt, an exported .safetensors) as a start that has weights only."""
     from sample import infer_config, read_checkpoint
-    if path.endswith(".pt"):  # read once: a released one is 4.7 GB
-        ckpt = load_checkpoint(path)
-        if isinstance(ckpt, dict) and "optimizer" in ckpt:
-            return ckpt
-        if isinstance(ckpt, dict) and "model_config" not in ckpt:  # a bare state_dict
-            return {"model": ckpt, "model_config": dataclasses.asdict(infer_config(ckpt))}
-    state, config, _ = read_checkpoint(path)  # an exported .safetensors
-    return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state))}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init {path}: no such file")
+    if path.endswith(".safetensors"):
+        state, config, _ = read_checkpoint(path)
+        return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state))}
+    ckpt = load_checkpoint(path)  # read once: a released one is 4.7 GB
+    if isinstance(ckpt, dict) and "optimizer" in ckpt:
+        return ckpt
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"--init {path}: neither a train.py checkpoint nor a state_dict of "
+                         f"MicroDiT weights")
+    return {"model": ckpt, "model_config": dataclasses.asdict(infer_config(ckpt))}
 
 
 def previous_phase_checkpoint(cfg):
@@ -371,6 +462,9 @@ def previous_phase_checkpoint(cfg):
 
 def export_weights(cfg, path):
     from safetensors.torch import save_file
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"--export {path}: name the file FILE.safetensors (sample.py and "
+                         f"--init tell the format by that ending)")
     found = checkpoints(phase_dir(cfg["out"], cfg["phase"]))
     if not found:
         sys.exit(f"nothing to export: no checkpoint in {phase_dir(cfg['out'], cfg['phase'])}")
@@ -533,12 +627,36 @@ def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    given = given_flags(args)
     cfg = resolve_config(args)
     if args.export:
         return export_weights(cfg, args.export)
 
     rank, world, local_rank, device = setup_distributed()
     master = rank == 0
+
+    # --- where this phase starts from: its own latest checkpoint (a resume), --init, or the
+    # previous phase's end
+    folder = phase_dir(cfg["out"], cfg["phase"])
+    resume = checkpoints(folder)
+    if args.resume and not resume:
+        sys.exit(f"--resume: {folder} has no checkpoint to resume from (is --out right?)")
+    start = None
+    if resume:
+        start = load_checkpoint(resume[-1])
+        cfg = resumed_config(cfg, given, start["config"], note=master)
+        if cfg["init"] and master:
+            print(f"--init {cfg['init']} left unused: phase {cfg['phase']} resumes from its "
+                  f"own latest checkpoint, {resume[-1]}")
+    elif cfg["init"]:
+        start = init_checkpoint(cfg["init"])
+    elif PHASES[cfg["phase"]]["init"] != "scratch":
+        start = previous_phase_checkpoint(cfg)
+    if not cfg["data"] and start is not None and (start.get("config") or {}).get("data"):
+        cfg["data"] = start["config"]["data"]
+        if master:
+            print(f"--data: {cfg['data']}, the data the starting checkpoint trained on")
+
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
                       "float32": None, "bfloat16": torch.bfloat16}[cfg["dtype"]]
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
@@ -564,25 +682,28 @@ def main(argv=None):
                           world_size=world, seed=cfg["seed"], pin_memory=device.type == "cuda")
     C, H, _ = loader.latent_shape
 
-    # --- model, optimizer, and where this phase starts from
-    folder = phase_dir(cfg["out"], cfg["phase"])
-    resume = checkpoints(folder)
-    start = None
-    if resume:
-        start = load_checkpoint(resume[-1])
-    elif cfg["init"]:
-        start = init_checkpoint(cfg["init"])
-    elif PHASES[cfg["phase"]]["init"] != "scratch":
-        start = previous_phase_checkpoint(cfg)
+    # --- model and optimizer
     # positions are those of the phase-1 grid: 1.0 at 256px, 2.0 at 512px, as released
     pos_interp = cfg["res"] / cfg["base_res"]
+    from_data = dict(in_channels=C, input_size=H, caption_channels=loader.caption_shape[-1],
+                     pos_interp_scale=pos_interp)
+    asked = dataclasses.replace(PRESETS[cfg["preset"]], **from_data, **cfg["model"])
     if start is not None:
         model_cfg = DiTConfig.from_dict({**start["model_config"], "input_size": H,
                                          "pos_interp_scale": pos_interp})
+        if (args.preset or cfg["model"]) and asked != model_cfg:
+            diff = [f"{f.name} {getattr(model_cfg, f.name)!r} (asked: {getattr(asked, f.name)!r})"
+                    for f in dataclasses.fields(DiTConfig)
+                    if getattr(model_cfg, f.name) != getattr(asked, f.name)]
+            sys.exit(f"--preset/--model ask for another architecture than the checkpoint this "
+                     f"phase starts from, which has {', '.join(diff)}. A checkpoint brings its "
+                     f"own architecture: drop --preset/--model, or use a new --out")
     else:
-        model_cfg = dataclasses.replace(PRESETS[cfg["preset"]], in_channels=C, input_size=H,
-                                        caption_channels=loader.caption_shape[-1],
-                                        pos_interp_scale=pos_interp, **cfg["model"])
+        model_cfg = asked
+    if H % model_cfg.patch_size:
+        raise ValueError(f"--res {cfg['res']}: the data's {H} x {H} latents do not split into "
+                         f"{model_cfg.patch_size} x {model_cfg.patch_size} patches; use a "
+                         f"--res whose latent size is a multiple of {model_cfg.patch_size}")
     encoders = grid_encoders(cfg, info, model_cfg) if master and cfg["sample_every"] else None
     prompts = info.get("sample_prompts") or SAMPLE_PROMPTS
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP keeps its own)
@@ -609,6 +730,8 @@ def main(argv=None):
         full_state = resume or (PHASES[cfg["phase"]]["init"] == "full" and "optimizer" in start)
         if full_state:
             load_optimizer_state(optimizer, start["optimizer"])
+            for group in optimizer.param_groups:  # the saved groups carry the old run's value
+                group["weight_decay"] = cfg["weight_decay"]
             step = start["step"]
         if resume:  # same phase: everything continues
             phase_start = start["phase_start"]
