@@ -39,8 +39,11 @@ k has its noise from seed (--seed, k) and rank r of W takes batches r, r + W, ..
 depends on its index, the seed and the batch size, never on the number of ranks. PNGs are
 named by index, so a rerun only draws what is missing. The references are the n chosen
 images, resized (short side, PIL bicubic, antialiased) and centre-cropped to the generation
-resolution: data.py's resize_center_crop, the transform the model was trained with. FID and
-CLIP score are computed by rank 0 on the PNGs.
+resolution: data.py's resize_center_crop, the transform the model was trained with (but
+without its EXIF rotation: images are read as pytorch-fid reads them). FID and CLIP score
+are computed by rank 0 on the PNGs, each checked to carry the COCO id it was drawn for; a
+rerun into the same --out refuses another checkpoint, VAE, text encoder or captions file
+(by content: path, size and modification time, or the captions' sha256).
 
 Shapes. Prompt following is read off each generated image by template matching: every
 shape, colour, size and position is rendered on the caption's background, and the template
@@ -106,6 +109,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def gaussian_stats(features):
     """Mean and covariance (unbiased, as numpy.cov) of [N, D] features, in float64."""
     features = torch.as_tensor(features, dtype=torch.float64)
+    if len(features) < 2:
+        raise ValueError(f"a covariance needs at least 2 images, got {len(features)}")
     return Stats(features.mean(dim=0), torch.cov(features.T), len(features))
 
 
@@ -113,15 +118,28 @@ def fid_of(a, b):
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
+def read_stats(path):
+    """The arrays of a statistics file that cached_stats wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in ("key", "mu", "sigma", "count")}
+    except Exception as e:  # a folder, an .npy, pytorch-fid's npz (no key), not numpy
+        raise ValueError(f"{path}: not a statistics file written by eval.py (one holds mu, "
+                         f"sigma, count and key; {type(e).__name__}: {e}): pass another "
+                         f"--ref-stats, or a path that does not exist yet to compute the "
+                         f"statistics there") from None
+
+
 def cached_stats(path, key, compute):
     """The Stats saved in `path` when it exists (it must have been computed for `key`),
     otherwise compute() saved there atomically; path None: compute() only."""
     if path and os.path.exists(path):
-        with np.load(path) as f:
-            if str(f["key"]) != key:
-                raise ValueError(f"{path} holds statistics of {f['key']}, not of {key}: "
-                                 f"delete it or pass another --ref-stats")
-            return Stats(torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["count"]))
+        saved = read_stats(path)
+        if str(saved["key"]) != key:
+            raise ValueError(f"{path} holds statistics of {saved['key']}, not of {key}: "
+                             f"delete it or pass another --ref-stats")
+        return Stats(torch.from_numpy(saved["mu"]), torch.from_numpy(saved["sigma"]),
+                     int(saved["count"]))
     stats = compute()
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -132,7 +150,10 @@ def cached_stats(path, key, compute):
 
 # ----------------------------------------------------------------------------- images
 
-def list_images(folder):
+def list_images(folder, flag):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} {folder}: not a folder (FID compares two folders of "
+                                f"images)")
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
@@ -195,8 +216,10 @@ def inception_stats(net, items, load=open_rgb):
             features.append(net(torch.stack(pixels)).cpu())
         else:  # resizing to 299 is per image, so one image at a time gives the same numbers
             features += [net(p[None]).cpu() for p in pixels]
-    if not features:
-        raise ValueError("no image could be decoded")
+    decoded = sum(len(f) for f in features)
+    if decoded < 2:
+        raise ValueError(f"{decoded} of the {len(items)} images (first {items[0]}) could be "
+                         f"decoded: the Frechet distance needs the covariance of at least 2")
     return gaussian_stats(torch.cat(features))
 
 
@@ -212,7 +235,7 @@ def files_signature(paths):
 
 def folder_fid(real, fake, inception, ref_stats=None):
     """FID between two image folders; the real side's stats are cached in ref_stats."""
-    real_paths, fake_paths = list_images(real), list_images(fake)
+    real_paths, fake_paths = list_images(real, "--real"), list_images(fake, "--fake")
     key = json.dumps({"folder": os.path.abspath(real), "images": len(real_paths),
                       "files": files_signature(real_paths), "feature_net": inception.name})
     ref = cached_stats(ref_stats, key, lambda: inception_stats(inception, real_paths))
@@ -295,12 +318,19 @@ def choose_captions(captions_json, n, seed=0):
     of the captioned images (sorted by id) and one caption of each (sorted by annotation id)
     drawn with the same generator. The draws cover every image, so a smaller n picks the
     first images of a larger one."""
-    with open(captions_json) as f:
-        coco = json.load(f)
-    captions = collections.defaultdict(list)
-    for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
-        captions[ann["image_id"]].append(ann["caption"].strip())
-    files = {im["id"]: im["file_name"] for im in coco["images"] if captions[im["id"]]}
+    try:
+        with open(captions_json) as f:
+            coco = json.load(f)
+        captions = collections.defaultdict(list)
+        for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
+            captions[ann["image_id"]].append(ann["caption"].strip())
+        files = {im["id"]: im["file_name"] for im in coco["images"] if captions[im["id"]]}
+    except ValueError as e:
+        raise ValueError(f"--captions {captions_json}: not valid JSON ({e}); is the download "
+                         f"complete?") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--captions {captions_json}: not a COCO captions file (missing "
+                         f"{e}); expected annotations/captions_val2014.json") from None
     ids = sorted(files)
     if n > len(ids):
         raise ValueError(f"--n {n}: {captions_json} has only {len(ids)} captioned images")
@@ -333,9 +363,10 @@ def coco_generate(args, rank=0, world_size=1):
     from tqdm import tqdm
     from sample import generate, to_pil
     coco_references(args, choose_captions(args.captions, args.n, args.seed))  # before hours of work
-    settings = {k: getattr(args, k) for k in ("ckpt", "vae", "clip", "captions", "seed",
-                                              "steps", "cfg", "batch_size")}
-    settings["captions"] = os.path.basename(settings["captions"])
+    check_evaluation_inputs(args)  # the evaluation's files too, before hours of work
+    settings = {k: getattr(args, k) for k in ("seed", "steps", "cfg", "batch_size")}
+    settings.update({k: file_identity(getattr(args, k)) for k in ("ckpt", "vae", "clip")})
+    settings["captions"] = sha256_of(args.captions)
     settings_path = os.path.join(args.out, "generation.json")
     if os.path.exists(settings_path):
         with open(settings_path) as f:
@@ -368,6 +399,59 @@ def coco_generate(args, rank=0, world_size=1):
                           lambda f: pil.save(f, format="PNG", pnginfo=meta))
 
 
+def file_identity(name):
+    """What a generation depends on in a --ckpt/--vae/--clip: a local file or folder as its
+    absolute path with each file's size and modification time (a file replaced under the
+    same name is noticed), anything else (a hub id, 'none', None) as given."""
+    if name is None or not os.path.exists(name):
+        return name
+    files = ([name] if os.path.isfile(name) else
+             sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs))
+    return {"path": os.path.abspath(name), "files": files_signature(files)}
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_evaluation_inputs(args):
+    """The Inception and CLIP-score weights and --ref-stats, checked before the generation
+    (the models themselves are loaded after it, when they are needed)."""
+    if args.inception not in (None, RANDOM) and not os.path.isfile(args.inception):
+        raise FileNotFoundError(f"--inception {args.inception}: no such file")
+    spec = args.clip_score_model
+    if spec != TINY_RANDOM:
+        import open_clip
+        arch, _, weights = spec.partition(":")
+        if arch not in open_clip.list_models() or not (
+                open_clip.get_pretrained_cfg(arch, weights) or os.path.isfile(weights)):
+            raise FileNotFoundError(f"--clip-score-model {spec!r}: give ARCH:TAG (e.g. "
+                                    f"{CLIP_SCORE_MODEL}), ARCH:FILE or {TINY_RANDOM}")
+    if args.ref_stats and os.path.exists(args.ref_stats):
+        read_stats(args.ref_stats)
+
+
+def check_generated(out, chosen):
+    """Each PNG carries the COCO image id it was drawn for: one drawn for another caption
+    (another --captions or --seed into the same --out) is refused, not scored."""
+    for c in chosen:
+        path = image_path(out, c["index"])
+        try:
+            with Image.open(path) as img:
+                said = img.text.get("coco_image_id")
+        except DECODE_ERRORS as e:
+            raise ValueError(f"{path} cannot be decoded ({type(e).__name__}: {e}): delete it "
+                             f"and run the generation again, which redraws it") from None
+        if said != str(c["image_id"]):
+            raise ValueError(f"{path} was drawn for COCO image {said}, but index {c['index']} "
+                             f"is image {c['image_id']} for these --captions and --seed: "
+                             f"evaluate with the generation's, or generate into another --out")
+
+
 def coco_references(args, chosen):
     """The chosen COCO images' paths; all must be there (checked before any generation)."""
     real = [os.path.join(args.images, c["file_name"]) for c in chosen]
@@ -388,17 +472,20 @@ def coco_evaluate(args):
     if missing:
         raise FileNotFoundError(f"{len(missing)} generated images are missing, first "
                                 f"{missing[0]}: run the generation again (it resumes)")
+    check_generated(args.out, chosen)
     with Image.open(fake[0]) as img:
         res = img.size[0]
     device = coco_device(args)
     inception = load_inception(args.inception, device)
     scorer = load_clip_scorer(args.clip_score_model, device)  # both models before any work
     real = coco_references(args, chosen)
-    key = json.dumps({"coco": os.path.basename(args.captions), "n": args.n, "seed": args.seed,
+    key = json.dumps({"coco": sha256_of(args.captions), "n": args.n, "seed": args.seed,
                       "res": res, "feature_net": inception.name,
                       "images": files_signature(real)})
     load_real = strict_loader("the COCO file is damaged: extract val2014 again")
-    ref = cached_stats(args.ref_stats or os.path.join(args.out, "reference_stats.npz"), key,
+    # named by what it depends on, so an FID-5K and an FID-30K can share one --out
+    default = os.path.join(args.out, f"reference_stats_n{args.n}_seed{args.seed}_{res}px.npz")
+    ref = cached_stats(args.ref_stats or default, key,
                        lambda: inception_stats(inception, real,
                                                lambda p: resize_center_crop(load_real(p), res)))
     load_fake = strict_loader("delete it and run the generation again, which redraws it")
@@ -519,12 +606,17 @@ def evaluate_shapes(ckpt, n, seed, steps, cfg, device, train_data=None):
     from sample import generate, load_dit
     from text import load_text_encoder
     net, info = load_dit(ckpt, device=device)
-    if info.get("vae") not in (None, "none"):
-        raise ValueError(f"{ckpt} was trained on VAE latents; the shapes metric expects a "
-                         f"pixel-space model (data.py demo --vae none)")
+    if info.get("vae") not in (None, "none") or net.cfg.in_channels != 3:
+        raise ValueError(f"{ckpt} was trained on VAE latents ({net.cfg.in_channels} channels); "
+                         f"the shapes metric expects a pixel-space model (data.py demo --vae none)")
+    text_encoder = load_text_encoder(info.get("clip") or TINY_RANDOM, device)
+    if text_encoder.width != net.cfg.caption_channels:
+        raise ValueError(f"{ckpt} takes {net.cfg.caption_channels}-wide caption features, and "
+                         f"its text encoder {text_encoder.name!r} gives {text_encoder.width}: "
+                         f"not a model of the shapes data")
     seen = training_captions(ckpt, info, train_data)
     asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
-    images = generate(net, load_text_encoder(info.get("clip") or TINY_RANDOM, device), None,
+    images = generate(net, text_encoder, None,
                       [caption_of(a) for a in asked], seed=seed, steps=steps, cfg=cfg,
                       batch_size=64, device=device)
     scores = prompt_following(images, asked)
@@ -585,7 +677,7 @@ def parse_args(argv=None):
     for p in (fid, coco):
         p.add_argument("--ref-stats", help="reference feature statistics (.npz): read when "
                                            "the file exists, else computed and saved there "
-                                           "(coco default: OUT/reference_stats.npz)")
+                                           "(coco default: OUT/reference_stats_nN_seedS_RESpx.npz)")
         p.add_argument("--inception", help=f"FID Inception weights file, or '{RANDOM}' for "
                                            f"tests (default: download {INCEPTION_URL})")
     for p in (shapes, fid, coco):
@@ -604,6 +696,15 @@ def main(argv=None):
 
 def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can use")
+    least = {"shapes": {"n": 2, "steps": 1}, "coco": {"n": 1, "steps": 1, "batch_size": 1},
+             "fid": {}}[args.command]
+    for name, low in least.items():
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at "
+                             f"least {low}" + (" (a Frechet distance needs 2 images)"
+                                               if low == 2 else ""))
     if args.command == "shapes":
         scores, images, _ = evaluate_shapes(args.ckpt, args.n, args.seed, args.steps, args.cfg,
                                             device, args.train_data)

@@ -7,14 +7,18 @@ its average pools leave the padding out of the mean (count_include_pad=False) an
 block max-pools, as the graph does. Images are read as 8-bit RGB, scaled to [0, 1], resized
 to 299x299 bilinearly (align_corners=False, no antialiasing) and mapped to [-1, 1]; the
 features are the 2,048-d pool3 outputs; mean and covariance (unbiased) in float64. Numbers
-are comparable to pytorch-fid's; torch-fidelity resizes with its own TF1-style bilinear and
+are comparable to pytorch-fid's for 8-bit RGB images without transparency (others are
+converted as data.py does: alpha over white, 16-bit scaled, where pytorch-fid's
+convert('RGB') drops alpha and clips); torch-fidelity resizes with its own TF1-style bilinear and
 clean-fid with PIL bicubic, so theirs can differ in the decimals.
 
 Weights: INCEPTION_URL below is fetched into torch.hub's cache on first use when online;
 offline, download the file once and pass its path (eval.py --inception PATH), or put it in
 $TORCH_HOME/hub/checkpoints/.
 """
+import hashlib
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -25,6 +29,7 @@ from torchvision.models.inception import (BasicConv2d, InceptionA, InceptionB, I
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")
+INCEPTION_SHA256_PREFIX = "6726825d"  # the file's sha256 starts so (torch.hub's naming)
 INCEPTION_SIZE = 299  # the graph's input side
 RANDOM = "random"  # seeded random weights, for tests
 
@@ -138,17 +143,40 @@ def load_inception(weights=None, device="cpu"):
     if weights == RANDOM:
         net.init_random()
         return net.to(device).eval().requires_grad_(False)
+    net.name = "pt_inception-2015-12-05"
     if weights is None:
-        try:
+        try:  # check_hash: the file's sha256 starts with the 6726825d in its name
             state = torch.hub.load_state_dict_from_url(INCEPTION_URL, map_location="cpu",
-                                                       weights_only=True)
+                                                       weights_only=True, check_hash=True)
         except Exception as e:  # offline and not cached
             raise FileNotFoundError(f"cannot get {INCEPTION_URL} ({type(e).__name__}): "
                                     + inception_weights_hint()) from e
     elif os.path.isfile(weights):
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        digest = sha256_prefix(weights)
+        if digest != INCEPTION_SHA256_PREFIX:  # other weights: other features, other FIDs
+            warnings.warn(f"--inception {weights}: sha256 {digest}..., not the published "
+                          f"file's {INCEPTION_SHA256_PREFIX}...: its FIDs are not comparable "
+                          f"with published ones")
+            net.name = f"inception weights {os.path.basename(weights)} sha256 {digest}"
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"--inception {weights}: cannot be read ({type(e).__name__}); "
+                             + inception_weights_hint()) from None
     else:
         raise FileNotFoundError(f"--inception {weights}: no such file; " + inception_weights_hint())
-    net.load_state_dict(state)
-    net.name = "pt_inception-2015-12-05"
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:  # e.g. torchvision's ImageNet weights
+        raise ValueError(f"--inception {weights or INCEPTION_URL}: not the FID Inception "
+                         f"weights ({str(e).splitlines()[0]} ...); "
+                         + inception_weights_hint()) from None
     return net.to(device).eval().requires_grad_(False)
+
+
+def sha256_prefix(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:len(INCEPTION_SHA256_PREFIX)]

@@ -3,6 +3,7 @@ the paper's released code produced (fixtures/), against slow obviously-correct l
 against closed forms."""
 import dataclasses
 import glob
+import hashlib
 import json
 import collections
 import io
@@ -11,6 +12,7 @@ import os
 import re
 import tarfile
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -549,6 +551,30 @@ def test_vae_bad_files_give_clear_errors(tmp_path):
                                          r"1 missing keys: decoder.conv_out.bias; "
                                          r"1 unexpected keys: encoder.extra.weight"):
         load_vae(str(bad))
+    # a damaged config.json, or one that cannot scale the latents
+    (bad / "config.json").write_text('{"latent_channels": 4,')
+    with pytest.raises(ValueError, match="bad/config.json: not valid JSON"):
+        load_vae(str(bad))
+    (bad / "config.json").write_text('{"latent_channels": 4, "scaling_factor": null}')
+    with pytest.raises(ValueError, match="scaling_factor is None"):
+        load_vae(str(bad))
+
+
+def test_text_encoder_bad_files_give_clear_errors(tmp_path, monkeypatch):
+    import huggingface_hub
+    from text import load_text_encoder
+    vae_file = os.path.join(FIXTURES, "vae_tiny_4ch", WEIGHTS)  # weights, but not CLIP's
+    with pytest.raises(ValueError, match="not the weights of an OpenCLIP model"):
+        load_text_encoder(vae_file)
+    cut = tmp_path / "clip.safetensors"
+    cut.write_bytes(open(vae_file, "rb").read()[:100])
+    with pytest.raises(ValueError, match="cannot be read as CLIP weights"):
+        load_text_encoder(str(cut))
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError, match="weights/clip is no file or folder here"):
+        load_text_encoder("weights/clip")
 
 
 def test_vae_sdxl_preset_has_diffusers_names_and_shapes():
@@ -2314,10 +2340,23 @@ def test_fid_inception_has_the_weight_files_names_and_shapes():
 def test_fid_inception_weights_file_and_clear_errors(small_inception, tmp_path, monkeypatch,
                                                      capsys):
     torch.save(small_inception.state_dict(), tmp_path / "weights.pth")
-    loaded = inception.load_inception(str(tmp_path / "weights.pth"))
+    with pytest.warns(UserWarning, match="not the published file's 6726825d"):
+        loaded = inception.load_inception(str(tmp_path / "weights.pth"))
     x = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(x), small_inception(x))
-    assert loaded.name == "pt_inception-2015-12-05"
+    # other weights than the published file: named apart, so cached statistics never mix
+    digest = hashlib.sha256((tmp_path / "weights.pth").read_bytes()).hexdigest()[:8]
+    assert loaded.name == f"inception weights weights.pth sha256 {digest}"
+    # a foreign or cut-short file: a message with where to get the right one
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "imagenet.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "weights.pth").read_bytes()[:5000])
+    for bad, says in [("imagenet.pth", "not the FID Inception weights"),
+                      ("cut.pth", "cannot be read")]:
+        with pytest.raises(ValueError, match=says) as e, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inception.load_inception(str(tmp_path / bad))
+        assert inception.INCEPTION_URL in str(e.value)
 
     write_images(tmp_path / "a", 0, [(8, 8)] * 2)
     rc, err = run_main(capsys, "fid", "--real", tmp_path / "a", "--fake", tmp_path / "a",
@@ -2559,6 +2598,55 @@ def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, m
     with pytest.raises(FileNotFoundError, match="chosen COCO images are not in --images"):
         ev.coco_generate(ev.parse_args([str(a) for a in common + ["--out", tmp_path / "new"]]))
     assert not (tmp_path / "new" / "images").exists()
+
+
+def test_coco_resume_and_scoring_refuse_what_would_mix(small_inception, pixel_checkpoint,
+                                                       tmp_path, capsys):
+    captions_json, _ = fake_coco(tmp_path)
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(pixel_checkpoint, ckpt)
+    common = ["coco", "--ckpt", ckpt, "--captions", captions_json, "--images", tmp_path,
+              "--n", 2, "--steps", 1, "--batch-size", 2, "--device", "cpu", "--out",
+              tmp_path / "run"]
+    ev.coco_generate(ev.parse_args([str(a) for a in common]))
+    original, st = ckpt.read_bytes(), os.stat(ckpt)
+    # the same name, other weights: images from two models would mix in one FID
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["final_layer.linear.weight"] += 1
+    torch.save(state, ckpt)
+    more = [str(a) for a in common] + ["--n", "3"]
+    with pytest.raises(ValueError, match="use another --out"):
+        ev.coco_generate(ev.parse_args(more))
+    ckpt.write_bytes(original)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ev.coco_generate(ev.parse_args(more))  # the very file again: resumes
+    # PNGs scored against captions they were not drawn for (another --seed picks others)
+    metrics = ["--inception", "random", "--clip-score-model", "tiny-random"]
+    with pytest.raises(ValueError, match="was drawn for COCO image"):
+        ev.coco_evaluate(ev.parse_args([str(a) for a in common + ["--seed", 9, *metrics]]))
+    # the default reference statistics are named by n, seed and resolution
+    rc, result = run_main(capsys, *common, *metrics)
+    assert rc == 0 and result["n"] == 2
+    assert (tmp_path / "run" / "reference_stats_n2_seed0_16px.npz").exists()
+
+
+def test_fid_refuses_what_would_give_a_wrong_number(small_inception, tmp_path, capsys):
+    write_images(tmp_path / "two", 0, [(8, 8)] * 2)
+    write_images(tmp_path / "one", 0, [(8, 8)])
+    rc, err = run_main(capsys, "fid", "--real", tmp_path / "two", "--fake", tmp_path / "one",
+                       "--inception", "random")
+    assert rc == 2 and "1 of the 1 images" in err and "at least 2" in err  # not NaN
+    np.save(tmp_path / "stats.npy", np.zeros(3))
+    np.savez(tmp_path / "pytorch_fid.npz", mu=np.zeros(3), sigma=np.eye(3))
+    for bad in ("stats.npy", "pytorch_fid.npz"):
+        rc, err = run_main(capsys, "fid", "--real", tmp_path / "two", "--fake", tmp_path / "two",
+                           "--inception", "random", "--ref-stats", tmp_path / bad)
+        assert rc == 2 and "not a statistics file written by eval.py" in err
+    rc, err = run_main(capsys, "fid", "--real", tmp_path / "stats.npy", "--fake",
+                       tmp_path / "two", "--inception", "random")
+    assert rc == 2 and "--real" in err and "not a folder" in err
+    rc, err = run_main(capsys, "shapes", "--ckpt", "x.pt", "--n", "1")
+    assert rc == 2 and "--n 1: must be at least 2" in err
 
 
 # ----------------------------------------------------------------------------- shapes

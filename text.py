@@ -87,6 +87,7 @@ def resolve_clip_weights(name):
     if repo.count("/") != 1:
         raise FileNotFoundError(f"--clip {name!r}: not a file, a folder or a hub id "
                                 f"(org/repo); or use '{TINY_RANDOM}' for offline tests")
+    local = "" if name.startswith("hf-hub:") else f"{name} is no file or folder here, and as "
     from huggingface_hub import hf_hub_download
     errors = []
     for f in WEIGHT_FILES:
@@ -94,21 +95,31 @@ def resolve_clip_weights(name):
             return hf_hub_download(repo, f)
         except Exception as e:  # offline, not cached, or not in this repo
             errors.append(f"{f}: {type(e).__name__}")
-    raise FileNotFoundError(f"cannot get CLIP weights for {name} ({'; '.join(errors)}): "
-                            + download_hint(repo))
+    raise FileNotFoundError(f"{local}a hub id: cannot get CLIP weights for {name} "
+                            f"({'; '.join(errors)}): " + download_hint(repo))
 
 
 def text_weights(path):
     """The tensors of an open_clip weights file but the image tower's, which are not read
     (2.5 of DFN5B's 3.9 GB)."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("visual.")}
-    try:  # mapped, so the image tower's bytes are never read
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("visual.")}
+        else:
+            try:  # mapped, so the image tower's bytes are never read
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a cut-short or foreign file
+        raise ValueError(f"--clip {path}: cannot be read as CLIP weights ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); download it "
+                         f"again") from None
+    if not isinstance(state, dict) or not any(k.endswith("token_embedding.weight")
+                                              for k in state):
+        raise ValueError(f"--clip {path}: not the weights of an OpenCLIP model (no text "
+                         f"tower's token_embedding.weight)")
     return {k: v for k, v in state.items() if not k.startswith("visual.")}
 
 
@@ -122,7 +133,11 @@ def load_text_tower(arch, path):
     tower.visual = None  # 632M parameters the captions never need
     state = text_weights(path)
     if set(state) != set(tower.state_dict()):  # e.g. an older key layout open_clip converts
-        tower = open_clip.create_model(arch, pretrained=path, force_quick_gelu=True)
+        try:
+            tower = open_clip.create_model(arch, pretrained=path, force_quick_gelu=True)
+        except RuntimeError as e:  # another architecture's weights
+            raise ValueError(f"--clip {path}: not {arch} weights "
+                             f"({str(e).splitlines()[0]} ...)") from None
         tower.visual = None
         return tower
     tower.load_state_dict(state, assign=True)

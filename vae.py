@@ -40,8 +40,11 @@ class VAEConfig:
     def from_json(cls, path):
         """Read a diffusers AutoencoderKL config.json; keys this class does not know
         (sample_size, force_upcast, block types, ...) are ignored."""
-        with open(path) as f:
-            d = json.load(f)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); download it again") from None
         if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ValueError(f"{path}: _class_name is {d['_class_name']!r}, "
                              f"expected 'AutoencoderKL'")
@@ -50,6 +53,10 @@ class VAEConfig:
         kw["block_out_channels"] = tuple(kw.get("block_out_channels", cls.block_out_channels))
         # early diffusers configs have no scaling_factor: diffusers then uses its default,
         # the SD 1.x value
+        if "scaling_factor" in d and not isinstance(d["scaling_factor"], (int, float)):
+            raise ValueError(f"{path}: scaling_factor is {d['scaling_factor']!r}; a VAE's "
+                             f"latents cannot be scaled without it: use the config.json the "
+                             f"weights came with")
         kw["scaling_factor"] = float(d.get("scaling_factor", 0.18215))
         kw["shift_factor"] = float(d.get("shift_factor") or 0.0)  # null means no shift
         return cls(**kw)
