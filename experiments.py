@@ -7,15 +7,20 @@ Every run trains MicroDiT_CPU_2 with train.py on the built-in shapes data (16x16
 64 patches) from the same seed, data order and recipe; only the switch under test changes.
 Quality is read three ways, all without downloads:
 
-- held-out loss: the EDM loss, unmasked, of 256 held-out images (data seed 1; training uses
-  seed 0) at 8 fixed noise levels from 0.05 to 20 with fixed noise, averaged over levels.
-  It is the most sensitive of the three at this scale: lower is better;
+- held-out loss: the EDM loss, unmasked, of 256 held-out images at 8 fixed noise levels
+  from 0.05 to 20 with fixed noise, averaged over levels. Held out means unseen: the first
+  256 images of another data seed whose captions no training image has (a caption names
+  exactly one image; about half of a second seed's draws are training images). It is the
+  most sensitive of the three at this scale: lower is better;
 - shapes FD: eval.py's Frechet distance between 128 generated images (20 Heun steps,
   guidance 3) and renderings of their captions, in a fixed random feature network;
 - prompt following: eval.py's template matching, the fraction of those 128 images whose
   colour is right, and whose colour, shape, size and position are all right.
 
 Cost is the model's training FLOPs per image (model.py) and the median measured ms/step.
+Table 1 also trains the masked models for the unmasked run's compute: steps scaled by the
+FLOP ratio (measured step times on a shared VM drift by 20% between runs made one after the
+other, so they would not give equal budgets); each run's measured training time is reported.
 The results go to OUT/results.md (markdown tables), OUT/results.json and OUT/plot.png
 (held-out loss against training compute, every run).
 """
@@ -30,13 +35,15 @@ import torch
 from PIL import Image, ImageDraw
 
 import train
-from data import ensure_demo_data
+from data import LatentDataset, ensure_demo_data
 from diffusion import edm_loss_per_sample
 from eval import evaluate_shapes
 from model import PRESETS, DiTConfig, train_flops_per_image
 from sample import load_dit
 
 HELD_OUT_SIGMAS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0]
+HELD_OUT = 256  # images, drawn from HELD_OUT_DRAWS of data seed 1
+HELD_OUT_DRAWS = 640
 EVAL_IMAGES = 128
 PRESET = "MicroDiT_CPU_2"
 RES = 16
@@ -56,7 +63,7 @@ RUNS = [
     (4, "no layer-wise scaling", 0.75, {"qkv_ratio": [0.75, 0.75], "mlp_ratio": [2.25, 2.25]}),
 ]
 SHARED = {2: ["deferred 75% (mixer)"], 3: ["deferred 75% (mixer)"], 4: ["deferred 75% (mixer)"]}
-TITLES = {1: "Masking: none, naive, deferred (same steps; and same wall-clock)",
+TITLES = {1: "Masking: none, naive, deferred (same steps; and same compute)",
           2: "Patch-mixer size at 75% masking",
           3: "Mask ratio with the patch-mixer",
           4: "Routing and layer-wise scaling (75% masking, mixer)"}
@@ -78,15 +85,29 @@ def train_run(out, name, mask_ratio, overrides, steps, batch, data, seed):
             "--ckpt-every", str(steps), "--sample-every", str(steps), "--keep", "1"]
     train.cli(argv)  # resumes, or does nothing, when the folder holds this run already
     log = [json.loads(line) for line in open(os.path.join(folder, "phase1", "log.jsonl"))]
-    return folder, {"ms_per_step": statistics.median(r["ms_per_step"] for r in log[5:] or log)}
+    ms = statistics.median(r["ms_per_step"] for r in log[5:] or log)
+    return folder, {"ms_per_step": ms, "train_seconds": sum(r["ms_per_step"] for r in log) / 1000}
+
+
+def unseen_rows(held_out, data, n):
+    """The first n rows of the held-out set whose captions no training image has."""
+    seen = LatentDataset(data)
+    seen = {seen.caption(i) for i in range(seen.num_samples)}
+    candidates = LatentDataset(held_out)
+    rows = [i for i in range(candidates.num_samples) if candidates.caption(i) not in seen][:n]
+    if len(rows) < n:
+        raise ValueError(f"{held_out}: only {len(rows)} of its images are unseen in training, "
+                         f"not {n}: draw more (HELD_OUT_DRAWS)")
+    return torch.tensor(rows)
 
 
 @torch.no_grad()
-def held_out_loss(net, held_out):
-    """Mean EDM loss over HELD_OUT_SIGMAS with fixed noise: a deterministic quality score."""
+def held_out_loss(net, held_out, rows):
+    """Mean EDM loss over HELD_OUT_SIGMAS with fixed noise: a deterministic quality score,
+    on the held-out set's `rows`."""
     shard = os.path.join(held_out, "shard-00000")
-    images = torch.from_numpy(np.load(f"{shard}.images_{RES}.npy")).float()      # (N, 3, H, W)
-    captions = torch.from_numpy(np.load(f"{shard}.caption_feats.npy")).float()  # (N, 77, Dc)
+    images = torch.from_numpy(np.load(f"{shard}.images_{RES}.npy"))[rows].float()      # (N, 3, H, W)
+    captions = torch.from_numpy(np.load(f"{shard}.caption_feats.npy"))[rows].float()  # (N, 77, Dc)
     g = torch.Generator().manual_seed(0)
     losses = []
     for sigma in HELD_OUT_SIGMAS:
@@ -98,10 +119,10 @@ def held_out_loss(net, held_out):
     return float(np.mean(losses)), losses
 
 
-def evaluate(folder, held_out):
+def evaluate(folder, held_out, rows):
     ckpt = train.checkpoints(train.phase_dir(folder, 1))[-1]
     net, _ = load_dit(ckpt)
-    loss, per_sigma = held_out_loss(net.eval(), held_out)
+    loss, per_sigma = held_out_loss(net.eval(), held_out, rows)
     scores, _, _ = evaluate_shapes(ckpt, n=EVAL_IMAGES, seed=1234, steps=20, cfg=3.0, device="cpu")
     return {"held_out_loss": loss, "held_out_per_sigma": per_sigma, **scores}
 
@@ -112,11 +133,14 @@ def model_config(overrides):
 
 
 def table(rows):
-    head = ("| run | steps | mask | GFLOPs/img | ms/step | held-out loss | shapes FD | "
-            "colour right | all right |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| run | steps | mask | GFLOPs/img | ms/step | train s | held-out loss | "
+            "at sigma 0.05 | at sigma 20 | shapes FD | colour right | all right |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['name']} | {r['steps']} | {r['mask']:.2f} | {r['gflops']:.3f} | "
-        f"{r['ms_per_step']:.0f} | {r['held_out_loss']:.4f} | {r['frechet']:.3f} | "
+        f"{r['ms_per_step']:.0f} | {r['train_seconds']:.0f} | {r['held_out_loss']:.4f} | "
+        f"{r['held_out_per_sigma'][0]:.3f} | {r['held_out_per_sigma'][-1]:.3f} | "
+        f"{r['frechet']:.3f} | "
         f"{r['color']:.2f} | {r['all']:.2f} |\n" for r in rows)
 
 
@@ -153,7 +177,9 @@ def main(argv=None):
                                                        "(the data and held-out set stay fixed)")
     args = p.parse_args(argv)
     data = ensure_demo_data(os.path.join(args.out, "data"), res=RES)
-    held_out = ensure_demo_data(os.path.join(args.out, "held_out"), res=RES, n=256, seed=1)
+    held_out = ensure_demo_data(os.path.join(args.out, f"held_out_{HELD_OUT_DRAWS}"), res=RES,
+                                n=HELD_OUT_DRAWS, seed=1)
+    rows = unseen_rows(held_out, data, HELD_OUT)
 
     results = []
     wanted = {name for t, name, _, _ in RUNS if t in args.tables}
@@ -166,17 +192,17 @@ def main(argv=None):
         results.append({"table": t, "name": name, "steps": args.steps, "batch": args.batch_size,
                         "mask": mask, "overrides": overrides,
                         "gflops": train_flops_per_image(model_config(overrides), RES, mask) / 1e9,
-                        **timing, **evaluate(folder, held_out)})
+                        **timing, **evaluate(folder, held_out, rows)})
         print(json.dumps(results[-1]))
-    if 1 in args.tables:  # the masked runs again, with the unmasked run's wall-clock time
+    if 1 in args.tables:  # the masked runs again, with the unmasked run's training FLOPs
         base = next(r for r in results if r["name"] == "no masking")
         for r in [r for r in results if r["table"] == 1 and r["mask"] > 0]:
-            steps = round(args.steps * base["ms_per_step"] / r["ms_per_step"])
-            name = f"{r['name']}, same wall-clock"
+            steps = round(args.steps * base["gflops"] / r["gflops"])
+            name = f"{r['name']}, same compute"
             folder, timing = train_run(args.out, name, r["mask"], r["overrides"], steps,
                                        args.batch_size, data, args.seed)
             results.append({**r, "name": name, "steps": steps, **timing,
-                            **evaluate(folder, held_out)})
+                            **evaluate(folder, held_out, rows)})
             print(json.dumps(results[-1]))
 
     with open(os.path.join(args.out, "results.json"), "w") as f:

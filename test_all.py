@@ -2859,9 +2859,14 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     from sample import load_dit
     folder = Path(folder_of(results[0])) / "phase1"
     net, _ = load_dit(train.checkpoints(str(folder))[-1])
-    shard = out / "held_out" / "shard-00000"
-    x = torch.from_numpy(np.load(f"{shard}.images_16.npy")).float()
-    y = torch.from_numpy(np.load(f"{shard}.caption_feats.npy")).float()
+    # on 256 held-out images none of whose captions is a training image's
+    seen = {c for m in shard_manifests(out / "data") for c in m["captions"]}
+    drawn = [c for m in shard_manifests(out / "held_out_640") for c in m["captions"]]
+    rows = [i for i, c in enumerate(drawn) if c not in seen][:256]
+    assert len(rows) == 256 and sum(c in seen for c in drawn) > 200  # half a seed's draws are seen
+    shard = out / "held_out_640" / "shard-00000"
+    x = torch.from_numpy(np.load(f"{shard}.images_16.npy"))[rows].float()
+    y = torch.from_numpy(np.load(f"{shard}.caption_feats.npy"))[rows].float()
     g = torch.Generator().manual_seed(0)
     expected = []
     with torch.no_grad():
