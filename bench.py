@@ -31,7 +31,13 @@ import torch
 
 from diffusion import edm_loss, heun_sample
 from model import PRESETS, MicroDiT, count_params, train_flops_per_image
-from train import COMPILE_MODES, PHASES, inductor_options, peak_flops, set_inductor_options
+from train import (COMPILE_MODES, PHASES, inductor_options, model_overrides, peak_flops,
+                   set_inductor_options)
+
+DEFAULTS = dict(preset="MicroDiT_Tiny_2", res=256, batch_size=8, rounds=8, warmup=2,
+                sample_steps=30, sample_batch=8, data_batch=2048)
+QUICK = dict(preset="MicroDiT_CPU_2", res=128, batch_size=4, rounds=2, warmup=1,
+             sample_steps=3, sample_batch=2, data_batch=64)
 
 
 def sync(device):
@@ -298,11 +304,11 @@ def bench_data(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="MicroDiT_Tiny_2", choices=PRESETS)
+    p.add_argument("--preset", default=None, choices=PRESETS, help="default MicroDiT_Tiny_2")
     p.add_argument("--phase", type=int, default=1, choices=PHASES,
                    help="takes P_mean/P_std, grad clip and the mask ratio from this phase")
-    p.add_argument("--res", type=int, default=256, help="image resolution (latents res / 8)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--res", type=int, help="image resolution, latents res / 8 (default 256)")
+    p.add_argument("--batch-size", type=int, help="default 8")
     p.add_argument("--masks", type=float, nargs="+", help="mask ratios to time (default: 0 and "
                                                            "the phase's; the masking speedup "
                                                            "compares 0 with the largest)")
@@ -316,11 +322,11 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 autocast on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rounds", type=int, default=8, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--sample-batch", type=int, default=8)
-    p.add_argument("--data-batch", type=int, default=2048)
+    p.add_argument("--rounds", type=int, help="timed steps per variant (default 8)")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant (default 2)")
+    p.add_argument("--sample-steps", type=int, help="default 30")
+    p.add_argument("--sample-batch", type=int, help="default 8")
+    p.add_argument("--data-batch", type=int, help="default 2048")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
     p.add_argument("--attention", action="store_true", help="time each attention shape of the "
                                                             "model under every SDPA backend")
@@ -331,22 +337,24 @@ def main(argv=None):
     p.add_argument("--max-memory-gb", type=float, help="CUDA: refuse allocations beyond this, "
                                                        "to check a fit on a smaller card")
     p.add_argument("--quick", action="store_true", help="CI smoke run: MicroDiT_CPU_2, 16x16 "
-                                                        "input, 2 rounds, 3 sampling steps")
+                                                        "input, 2 rounds, 3 sampling steps "
+                                                        "(flags given as well still count)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    if args.quick:
-        args.preset, args.res, args.batch_size = "MicroDiT_CPU_2", 128, 4
-        args.rounds, args.warmup = 2, 1
-        args.sample_steps, args.sample_batch, args.data_batch = 3, 2, 64
+    for key, value in (QUICK if args.quick else DEFAULTS).items():  # flags given win
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.masks = sorted(set(args.masks or [0.0, PHASES[args.phase]["mask_ratio"]]))
-
     try:
+        if not all(0 <= m < 1 for m in args.masks):
+            raise ValueError(f"--masks {args.masks}: each must be in [0, 1) (at least one "
+                             f"patch must stay)")
         set_inductor_options(inductor_options(args.inductor))
+        overrides = model_overrides(args.model)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     device = torch.device(args.device)
-    cfg = dataclasses.replace(PRESETS[args.preset], input_size=args.res // 8,
-                              **json.loads(args.model))
+    cfg = dataclasses.replace(PRESETS[args.preset], input_size=args.res // 8, **overrides)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
              "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()

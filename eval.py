@@ -3,7 +3,7 @@ shapes data that need no download.
 
     # COCO-30K: FID-30K and CLIP score, generation sharded over 8 GPUs; --num-images
     # 5000 gives FID-5K (--n also works, but not under torchrun, whose parser takes it)
-    torchrun --nproc_per_node 8 eval.py coco --ckpt weights/ckpts/dit.pt \\
+    torchrun --nproc_per_node 8 eval.py coco --ckpt weights/ckpts/dit_4_channel_37M_real_and_synthetic_data.pt \\
         --vae weights/sdxl/vae --clip weights/clip/open_clip_model.safetensors \\
         --captions coco/annotations/captions_val2014.json --images coco/val2014 \\
         --num-images 30000 --steps 30 --cfg 5 --out runs/coco30k \\
@@ -12,13 +12,13 @@ shapes data that need no download.
         --clip-score-model ViT-L-14-quickgelu:weights/clip-l14/open_clip_pytorch_model.bin
 
     python eval.py fid --real DIR --fake DIR [--ref-stats real.npz]   # two image folders
-    python eval.py shapes --ckpt runs/demo/phase1/ckpt_000001500.pt --n 200
+    python eval.py shapes --ckpt runs/microdit/phase1/ckpt_000001500.pt --n 200
 
 Files. COCO 2014 (cocodataset.org): http://images.cocodataset.org/zips/val2014.zip (the
 40,504 val images) and http://images.cocodataset.org/annotations/annotations_trainval2014.zip
 (holds annotations/captions_val2014.json). The FID Inception weights: see inception.py.
 The CLIP-score model is open_clip's ViT-L-14 'openai' tag (hub repo
-timm/vit_large_patch14_clip_224.openai); offline: `huggingface-cli download
+timm/vit_large_patch14_clip_224.openai); offline: `hf download
 timm/vit_large_patch14_clip_224.openai open_clip_pytorch_model.bin --local-dir
 weights/clip-l14` and pass the file as in the command above (a weights file does not say its
 activation: name the -quickgelu architecture).
@@ -283,7 +283,7 @@ def load_clip_scorer(spec=CLIP_SCORE_MODEL, device="cpu"):
                 suffix = "-quickgelu" if tag.get("quick_gelu") else ""
                 raise FileNotFoundError(
                     f"cannot get the CLIP weights {spec} ({type(e).__name__}): download them "
-                    f"once with\n    huggingface-cli download {hub} open_clip_pytorch_model.bin "
+                    f"once with\n    hf download {hub} open_clip_pytorch_model.bin "
                     f"--local-dir weights/clip-score\nand pass --clip-score-model "
                     f"{arch}{suffix}:weights/clip-score/open_clip_pytorch_model.bin") from e
         model, _, preprocess = open_clip.create_model_and_transforms(

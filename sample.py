@@ -38,10 +38,10 @@ class CheckpointError(ValueError):
 
 def download_instructions():
     return ("Download the released weights once (about 9 GB in all):\n"
-            f"    huggingface-cli download {RELEASED_REPO} {RELEASED_CKPT} --local-dir weights\n"
-            "    huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 "
+            f"    hf download {RELEASED_REPO} {RELEASED_CKPT} --local-dir weights\n"
+            "    hf download stabilityai/stable-diffusion-xl-base-1.0 "
             "vae/config.json vae/diffusion_pytorch_model.safetensors --local-dir weights/sdxl\n"
-            "    huggingface-cli download apple/DFN5B-CLIP-ViT-H-14-378 "
+            "    hf download apple/DFN5B-CLIP-ViT-H-14-378 "
             "open_clip_model.safetensors --local-dir weights/clip\n"
             f"then: python sample.py \"a cat\" --ckpt weights/{RELEASED_CKPT} "
             "--vae weights/sdxl/vae --clip weights/clip/open_clip_model.safetensors")

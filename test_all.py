@@ -734,7 +734,7 @@ def test_sample_compiles_the_network_once_for_all_steps(tiny_checkpoint, tmp_pat
 def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
     path, _ = tiny_checkpoint
     assert run_sample("a cat", "--ckpt", tmp_path / "missing.pt") == 2
-    assert "huggingface-cli download" in capsys.readouterr().err
+    assert "hf download" in capsys.readouterr().err
     vae = FIXTURES / "vae_tiny_4ch"
     assert run_sample("", "--ckpt", path, "--vae", vae, "--clip", "tiny-random") == 2
     assert "empty" in capsys.readouterr().err
@@ -1600,6 +1600,8 @@ def test_batch_arithmetic():
         train.batch_arithmetic(2048, 256, 16)
     with pytest.raises(ValueError, match=r"e.g. --batch-size 1536 or 2304"):  # 3 processes
         train.batch_arithmetic(2048, 256, 3)
+    with pytest.raises(ValueError, match=r"e.g. --batch-size 16$"):  # no smaller batch fits
+        train.batch_arithmetic(6, 4, 4)
     for batch, micro, world in [(2048, 48, 8), (2048, 256, 16), (2048, 64, 2)]:
         try:
             train.batch_arithmetic(batch, micro, world)
@@ -1969,6 +1971,22 @@ def test_bad_flags_are_messages_not_stack_traces(train_data, tmp_path):
     assert not os.path.exists(tmp_path / "phase1" / "log.jsonl")  # nothing ran
     with pytest.raises(SystemExit, match="8 x 8 latents do not split into 3 x 3 patches"):
         train.cli(train_args(train_data, tmp_path, "--model", '{"patch_size": 3}'))
+
+
+def test_position_grid_follows_the_runs_first_resolution(train_data, tmp_path):
+    """Without --base-res: a fresh run's positions are on its own grid (1.0), and later
+    phases interpolate from it (2.0 at twice the resolution), as the released models do."""
+    def run(*extra):
+        args = train_args(train_data, tmp_path, "--steps", "2", "--ckpt-every", "2", *extra)
+        i = args.index("--base-res")
+        train.main(args[:i] + args[i + 2:])
+    run()
+    assert final_checkpoint(tmp_path, 1)["model_config"]["pos_interp_scale"] == 1.0
+    run("--phase", "2")
+    assert final_checkpoint(tmp_path, 2)["model_config"]["pos_interp_scale"] == 1.0
+    run("--phase", "3", "--res", "16")
+    ckpt = final_checkpoint(tmp_path, 3)
+    assert ckpt["model_config"]["pos_interp_scale"] == 2.0 and ckpt["config"]["base_res"] == 8
 
 
 def test_a_resume_keeps_its_recipe_and_survives_a_torn_log(train_data, tmp_path, capsys):
@@ -2813,6 +2831,16 @@ def test_bench_model_overrides_and_compile_mode_reach_the_model(monkeypatch):
         expected = model_lib.train_flops_per_image(cfg, mask_ratio=row["mask_ratio"]) * 4
         assert row["tflops_per_s"] * 1e12 * row["ms_per_step"] / 1000 == pytest.approx(expected)
     assert modes == ["max-autotune-no-cudagraphs"] * 2  # the training and the sampling network
+    # --quick fills in what is not given; what is given stays
+    given = bench.main(["--quick", "--batch-size", "2", "--res", "64", "--skip", "train",
+                        "sample", "data"])
+    assert given["batch_size"] == 2 and given["latent"] == "4x8x8" and given["preset"] == "MicroDiT_CPU_2"
+    for flags, says in [(["--model", "{depth: 2}"], "--model '{depth: 2}' is not valid JSON"),
+                        (["--model", '{"dept": 2}'], r"\['dept'\] are not DiTConfig fields"),
+                        (["--model", '{"input_size": 8}'], "cannot set"),
+                        (["--masks", "0", "1.0"], r"must be in \[0, 1\)")]:
+        with pytest.raises(SystemExit, match=says):
+            bench.main(["--quick", *flags, "--skip", "train", "sample", "data"])
 
 
 def test_moe_layers_run_under_cpu_bf16_autocast():

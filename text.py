@@ -29,7 +29,7 @@ WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 def download_hint(repo):
     return (f"download the weights once with\n"
-            f"    huggingface-cli download {repo} {WEIGHT_FILES[0]} --local-dir weights/clip\n"
+            f"    hf download {repo} {WEIGHT_FILES[0]} --local-dir weights/clip\n"
             f"and pass --clip weights/clip/{WEIGHT_FILES[0]}")
 
 

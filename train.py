@@ -74,7 +74,8 @@ def parse_args(argv=None):
                                   "previous phase: the data it trained on)")
     p.add_argument("--out", default="runs/microdit", help="run directory (one folder per phase)")
     p.add_argument("--demo", action="store_true", help="CPU demo: MicroDiT_CPU_2 on the built-in "
-                                                       "shapes data, about 10 minutes")
+                                                       "shapes data, 12 to 14 minutes on 2 "
+                                                       "cores")
     p.add_argument("--init", help="start from this checkpoint instead of the previous phase's end")
     p.add_argument("--resume", action="store_true", help="insist on resuming: stop if the phase "
                                                          "folder has no checkpoint (resuming is "
@@ -169,19 +170,25 @@ def resolve_config(args):
                 "ckpt_every", "keep", "sample_every", "log_every", "max_bad_steps", "vae",
                 "clip", "init", "demo"):
         cfg[key] = getattr(args, key)
-    cfg["model"] = json_flag("--model", args.model)
+    cfg["model"] = model_overrides(args.model)
     cfg["inductor"] = inductor_options(args.inductor)
+    check_numbers(cfg)
+    return cfg
+
+
+def model_overrides(text):
+    """--model JSON -> {DiTConfig field: value}, every name checked."""
+    overrides = json_flag("--model", text)
     fields = [f.name for f in dataclasses.fields(DiTConfig)]
-    unknown = set(cfg["model"]) - set(fields)
+    unknown = set(overrides) - set(fields)
     if unknown:
         raise ValueError(f"--model: {sorted(unknown)} are not DiTConfig fields; they are "
                          f"{fields}")
-    from_data = sorted(set(cfg["model"]) & set(DATA_FIELDS))
+    from_data = sorted(set(overrides) & set(DATA_FIELDS))
     if from_data:
         raise ValueError(f"--model cannot set {from_data}: they follow from the data (latent "
                          f"channels and size, caption width) and --res")
-    check_numbers(cfg)
-    return cfg
+    return overrides
 
 
 def check_numbers(cfg):
@@ -266,7 +273,7 @@ def batch_arithmetic(global_batch, micro_batch, world_size):
         fix = f"--micro-batch {math.gcd(global_batch // world_size, micro_batch)}"
     else:  # no micro-batch fits: the batch itself must change
         below = global_batch // per_step * per_step
-        fix = f"--batch-size {below or per_step} or {below + per_step}"
+        fix = f"--batch-size {below} or {below + per_step}" if below else f"--batch-size {per_step}"
     raise ValueError(f"global batch {global_batch} must be a multiple of micro-batch "
                      f"{micro_batch} x {world_size} processes = {per_step}: e.g. {fix}")
 
@@ -542,10 +549,18 @@ def shard(raw, world, device):
     fully_shard(raw, mesh=mesh)
 
 
-def gathered(state):
+def gathered(state, keep=True):
     """A state dict with its FSDP-sharded tensors made whole, on the CPU; others as they
-    are. A collective under FSDP: every rank must call it."""
-    return {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in state.items()}
+    are. A collective under FSDP: every rank must call it, and the ranks that do not keep
+    the result (all but the one that saves) get None, not a copy of the whole model in
+    their host memory (14 GB per rank for MicroDiT_XL_2)."""
+    whole = {}
+    for k, v in state.items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()  # freed at once where it is not kept
+            v = v.cpu() if keep else None
+        whole[k] = v
+    return whole if keep else None
 
 
 def shard_as(tensor, like):
@@ -555,10 +570,12 @@ def shard_as(tensor, like):
     return tensor.to(like.device)
 
 
-def optimizer_state(optimizer):
-    """optimizer.state_dict() with whole tensors: one format with and without FSDP."""
+def optimizer_state(optimizer, keep=True):
+    """optimizer.state_dict() with whole tensors: one format with and without FSDP (None on
+    the ranks that do not keep it, as gathered)."""
     state = optimizer.state_dict()
-    return {**state, "state": {i: gathered(s) for i, s in state["state"].items()}}
+    per_param = {i: gathered(s, keep) for i, s in state["state"].items()}
+    return {**state, "state": per_param} if keep else None
 
 
 def load_optimizer_state(optimizer, state):
@@ -652,6 +669,13 @@ def main(argv=None):
         start = init_checkpoint(cfg["init"])
     elif PHASES[cfg["phase"]]["init"] != "scratch":
         start = previous_phase_checkpoint(cfg)
+    # the position grid is that of the run's first phase (1.0 at its resolution, 2.0 at
+    # twice it, as released): a fresh run's own --res, else the run it continues; bare
+    # weights (a released .pt) come from the paper's 256px phase 1
+    if "base_res" not in given:
+        saved = (start or {}).get("config") or {}
+        cfg["base_res"] = saved.get("base_res") or (cfg["res"] if start is None
+                                                    else PHASES[1]["res"])
     if not cfg["data"] and start is not None and (start.get("config") or {}).get("data"):
         cfg["data"] = start["config"]["data"]
         if master:
@@ -683,7 +707,6 @@ def main(argv=None):
     C, H, _ = loader.latent_shape
 
     # --- model and optimizer
-    # positions are those of the phase-1 grid: 1.0 at 256px, 2.0 at 512px, as released
     pos_interp = cfg["res"] / cfg["base_res"]
     from_data = dict(in_channels=C, input_size=H, caption_channels=loader.caption_shape[-1],
                      pos_interp_scale=pos_interp)
@@ -881,14 +904,14 @@ def main(argv=None):
 
         # --- checkpoint and samples
         if save_now or sample_now:
-            model_state = gathered(raw.state_dict())
-            ema_state = gathered(ema_obj.state) if ema_obj else None
+            model_state = gathered(raw.state_dict(), keep=master)
+            ema_state = gathered(ema_obj.state, keep=master) if ema_obj else None
         if save_now:
             rng = [rng_state()]
             if world > 1:
                 rng = [None] * world
                 dist.all_gather_object(rng, rng_state())
-            opt_state = optimizer_state(optimizer)
+            opt_state = optimizer_state(optimizer, keep=master)
             if master:
                 writer.save(folder, {
                     "model": model_state, "ema": ema_state,
