@@ -789,11 +789,8 @@ class NpyShard:
 
     def column(self, column):
         if column not in self._columns:
-            path = column_path(self.root, self.name, column)
-            array = np.load(path, mmap_mode="r")
-            if len(array) != self.num_samples:
-                raise ValueError(f"{path}: {len(array)} rows, index.json says "
-                                 f"{self.num_samples}; the shard was changed after indexing")
+            # checked against index.json when the data set opened (check)
+            array = np.load(column_path(self.root, self.name, column), mmap_mode="r")
             self._columns[column] = _tensor(array)
         return self._columns[column]
 

@@ -77,8 +77,8 @@ from PIL import Image, PngImagePlugin
 from data import COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, ShapeAttributes
 from data import atomic_write, caption_of, render_shapes, resize_center_crop, sample_attributes
 from data import to_rgb
-from inception import INCEPTION_URL, RANDOM, load_inception
-from sample import load_pipeline
+from inception import INCEPTION_URL, RANDOM, load_inception, sha256_of
+from sample import check_device, load_pipeline
 
 ATTRIBUTES = ("shape", "color", "size", "position")
 CLIP_SCORE_MODEL = "ViT-L-14:openai"
@@ -262,6 +262,18 @@ def tiny_random_clip():
                                          heads=2, layers=2))
 
 
+def clip_score_spec(spec):
+    """'ARCH:TAG' or 'ARCH:FILE' -> (arch, weights, open_clip's pretrained cfg or {}),
+    checked without loading anything."""
+    import open_clip
+    arch, _, weights = spec.partition(":")
+    tag = open_clip.get_pretrained_cfg(arch, weights)
+    if arch not in open_clip.list_models() or not (tag or os.path.isfile(weights)):
+        raise FileNotFoundError(f"--clip-score-model {spec!r}: give ARCH:TAG (e.g. "
+                                f"{CLIP_SCORE_MODEL}), ARCH:FILE or {TINY_RANDOM}")
+    return arch, weights, tag
+
+
 def load_clip_scorer(spec=CLIP_SCORE_MODEL, device="cpu"):
     """'ARCH:TAG' (an open_clip pretrained tag, downloaded once), 'ARCH:FILE' or 'tiny-random'."""
     import open_clip
@@ -270,11 +282,7 @@ def load_clip_scorer(spec=CLIP_SCORE_MODEL, device="cpu"):
         model, arch = tiny_random_clip(), "ViT-L-14"  # the same BPE tokenizer as every OpenAI CLIP
         preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
     else:
-        arch, _, weights = spec.partition(":")
-        tag = open_clip.get_pretrained_cfg(arch, weights)
-        if arch not in open_clip.list_models() or not (tag or os.path.isfile(weights)):
-            raise FileNotFoundError(f"--clip-score-model {spec!r}: give ARCH:TAG (e.g. "
-                                    f"{CLIP_SCORE_MODEL}), ARCH:FILE or {TINY_RANDOM}")
+        arch, weights, tag = clip_score_spec(spec)
         if tag:
             try:  # here, so that being offline gives instructions; then read from the cache
                 download_pretrained(tag)
@@ -410,27 +418,13 @@ def file_identity(name):
     return {"path": os.path.abspath(name), "files": files_signature(files)}
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_evaluation_inputs(args):
     """The Inception and CLIP-score weights and --ref-stats, checked before the generation
     (the models themselves are loaded after it, when they are needed)."""
     if args.inception not in (None, RANDOM) and not os.path.isfile(args.inception):
         raise FileNotFoundError(f"--inception {args.inception}: no such file")
-    spec = args.clip_score_model
-    if spec != TINY_RANDOM:
-        import open_clip
-        arch, _, weights = spec.partition(":")
-        if arch not in open_clip.list_models() or not (
-                open_clip.get_pretrained_cfg(arch, weights) or os.path.isfile(weights)):
-            raise FileNotFoundError(f"--clip-score-model {spec!r}: give ARCH:TAG (e.g. "
-                                    f"{CLIP_SCORE_MODEL}), ARCH:FILE or {TINY_RANDOM}")
+    if args.clip_score_model != TINY_RANDOM:
+        clip_score_spec(args.clip_score_model)
     if args.ref_stats and os.path.exists(args.ref_stats):
         read_stats(args.ref_stats)
 
@@ -696,8 +690,7 @@ def main(argv=None):
 
 def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can use")
+    check_device(device)
     least = {"shapes": {"n": 2, "steps": 1}, "coco": {"n": 1, "steps": 1, "batch_size": 1},
              "fid": {}}[args.command]
     for name, low in least.items():

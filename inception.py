@@ -152,7 +152,7 @@ def load_inception(weights=None, device="cpu"):
             raise FileNotFoundError(f"cannot get {INCEPTION_URL} ({type(e).__name__}): "
                                     + inception_weights_hint()) from e
     elif os.path.isfile(weights):
-        digest = sha256_prefix(weights)
+        digest = sha256_of(weights)[:len(INCEPTION_SHA256_PREFIX)]
         if digest != INCEPTION_SHA256_PREFIX:  # other weights: other features, other FIDs
             warnings.warn(f"--inception {weights}: sha256 {digest}..., not the published "
                           f"file's {INCEPTION_SHA256_PREFIX}...: its FIDs are not comparable "
@@ -174,9 +174,10 @@ def load_inception(weights=None, device="cpu"):
     return net.to(device).eval().requires_grad_(False)
 
 
-def sha256_prefix(path):
+def sha256_of(path):
+    """The file's sha256 (hex), read a megabyte at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:len(INCEPTION_SHA256_PREFIX)]
+    return digest.hexdigest()

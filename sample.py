@@ -318,13 +318,17 @@ def load_pipeline(ckpt, vae_name=None, clip_name=None, device="cpu", preset=None
     return Pipeline(net, text_encoder, vae, device)
 
 
+def check_device(device):
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can "
+                         f"use; --device cpu runs anywhere (slowly: minutes per image for XL)")
+
+
 def run(args):
     for name in ("steps", "n", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA GPU that torch can "
-                         f"use; --device cpu runs anywhere (slowly: minutes per image for XL)")
+    check_device(args.device)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file: name a folder for the images")
     prompts = read_prompts(args)

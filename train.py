@@ -155,7 +155,7 @@ def resolve_config(args):
     if args.demo:  # a recipe a 2-core CPU finishes in minutes; still overridable below
         # no masking: at 64 patches it saves little and slows learning; P_mean 0 trains more
         # at the noise levels where the layout (which shape, where) is decided
-        cfg.update(res=16, base_res=16, mask_ratio=0.0, p_mean=0.0, steps=1500, lr=1e-3,
+        cfg.update(res=16, mask_ratio=0.0, p_mean=0.0, steps=1500, lr=1e-3,
                    warmup=100, micro_batch=64, schedule="cosine", min_lr_ratio=0.1,
                    ema_decay=0.995, ema_start=500, batch_size=64, data="demo",
                    preset=args.preset or "MicroDiT_CPU_2")
