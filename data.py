@@ -365,13 +365,32 @@ def decode_caption(raw, counts):
     return text
 
 
+def float_range(values):
+    """The white level of a float image, which carries none: 1 if every value is at most 1
+    (the usual convention), else 255 or 65535, the first that holds them."""
+    top = float(np.nanmax(values)) if values.size else 0.0
+    return next((white for white in (1.0, 255.0) if top <= white), 65535.0)
+
+
 def to_rgb(img, counts):
-    """Any PIL mode -> 8-bit RGB. Transparency is composited on white; 16-bit values are
-    scaled (PIL's own conversion would clip everything above 255 to white)."""
-    if img.mode == "I" or img.mode.startswith("I;16"):
-        counts["high_bit_depth"] += 1
-        scaled = np.round(np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255)
-        img = Image.fromarray(scaled.astype(np.uint8))
+    """Any PIL mode -> 8-bit RGB. Transparency is composited on white. 16-bit and float
+    values are scaled to 8 bits: PIL's own conversion clips 16-bit values above 255 to
+    white and keeps floats in [0, 1] as 0 and 1, black."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        values = np.asarray(img, dtype=np.float64)                # (H, W)
+        if img.mode == "F":
+            counts["float_image"] += 1
+            white = float_range(values)
+        else:
+            counts["high_bit_depth"] += 1
+            white = 65535.0
+        scaled = np.round(np.nan_to_num(values) * (255.0 / white)).clip(0, 255)
+        grey = Image.fromarray(scaled.astype(np.uint8))
+        key = img.info.get("transparency")  # a PNG's tRNS: one 16-bit grey value is clear
+        if isinstance(key, int):
+            alpha = np.where(values == key, 0, 255).astype(np.uint8)
+            grey = Image.merge("LA", (grey, Image.fromarray(alpha)))
+        img = grey
     if img.mode in ("P", "PA"):
         counts["palette"] += 1
     elif img.mode == "CMYK":

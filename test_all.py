@@ -992,6 +992,26 @@ def _save(img, path, **kw):
     return path
 
 
+def test_to_rgb_scales_float_and_16bit_images(tmp_path):
+    from data import to_rgb
+    # float TIFFs: PIL's own conversion made [0, 1] floats black
+    ramp = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    for white, stored in ((1, ramp), (255, ramp * 255), (65535, ramp * 65535)):
+        _save(Image.fromarray(stored), tmp_path / "f.tif")
+        counts = collections.Counter()
+        rgb = np.asarray(to_rgb(Image.open(tmp_path / "f.tif"), counts))
+        np.testing.assert_array_equal(rgb, np.repeat(np.round(ramp * 255)[..., None], 3, -1),
+                                      err_msg=f"white {white}")
+        assert counts == {"float_image": 1, "grayscale": 1}
+    # 16-bit grey with a transparent value (PNG tRNS): that value composites to white
+    values = np.array([[0, 1000, 65535, 25700]], np.uint16).repeat(2, 0)
+    _save(Image.fromarray(values), tmp_path / "t.png", transparency=1000)
+    counts = collections.Counter()
+    rgb = np.asarray(to_rgb(Image.open(tmp_path / "t.png"), counts))[..., 0]
+    np.testing.assert_array_equal(rgb, np.array([[0, 255, 255, 100]]).repeat(2, 0))
+    assert counts == {"high_bit_depth": 1, "grayscale": 1, "alpha_composited": 1}
+
+
 def test_folder_with_nasty_inputs(tmp_path):
     src = tmp_path / "imgs"
     (src / "sub" / "deeper").mkdir(parents=True)
