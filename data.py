@@ -25,6 +25,7 @@ done.
 import argparse
 import atexit
 import collections
+import errno
 import functools
 import glob
 import hashlib
@@ -538,6 +539,23 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
     os.replace(tmp, path)
+    sync_folder(os.path.dirname(path) or ".")
+
+
+def sync_folder(folder):
+    """fsync a folder, which makes the renames in it survive a power cut (the file's own
+    fsync does not cover its name). POSIX only; file systems that cannot (some network
+    ones answer EINVAL) are left to their own guarantees."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write_json(path, obj):

@@ -1766,6 +1766,25 @@ def test_ema_runs_in_training(train_data, tmp_path):
     assert not torch.equal(ema[w], model[w])                    # lags the weights
 
 
+def test_atomic_write_syncs_the_file_then_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """A rename is durable only once the folder is synced: a power cut after save_checkpoint
+    deleted the old checkpoints must not lose the new one's name."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", b)),
+                                                     real_replace(a, b)))
+    train.save_checkpoint(str(tmp_path), {"step": 5}, keep=1)
+    path = os.path.join(str(tmp_path), "ckpt_000000005.pt")
+    assert [e[0] for e in events] == ["fsync", "rename", "fsync"]
+    assert events[0][1].startswith(path + ".tmp-") and events[1][1] == path
+    assert events[2][1] == os.path.realpath(tmp_path)
+
+
 def test_checkpoint_writer_copies_the_state_before_the_training_goes_on(tmp_path, monkeypatch):
     """The write runs in a background thread while the training changes the weights in
     place: the file must hold the values of the moment of the save."""

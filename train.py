@@ -331,8 +331,8 @@ def checkpoints(folder):
 
 
 def save_checkpoint(folder, state, keep):
-    """Atomic (temporary file, fsync, rename): a crash at any moment leaves the previous
-    checkpoints and never a truncated one."""
+    """Atomic (temporary file, fsync, rename, fsync of the folder): a crash or power cut at any
+    moment leaves the previous checkpoints and never a truncated one."""
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, "ckpt_*.pt.tmp-*")):  # a killed save's
         os.remove(stale)
