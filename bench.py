@@ -31,8 +31,8 @@ import torch
 
 from diffusion import edm_loss, heun_sample
 from model import PRESETS, MicroDiT, count_params, train_flops_per_image
-from train import (COMPILE_MODES, PHASES, inductor_options, model_overrides, peak_flops,
-                   set_inductor_options)
+from train import (COMPILE_MODES, PHASES, clip_in_optimizer, inductor_options, model_overrides,
+                   peak_flops, set_inductor_options)
 
 DEFAULTS = dict(preset="MicroDiT_Tiny_2", res=256, batch_size=8, rounds=8, warmup=2,
                 sample_steps=30, sample_batch=8, data_batch=2048)
@@ -77,8 +77,7 @@ def train_step(model, optimizer, x, y, mask_ratio, p_mean, p_std, grad_clip, aut
     with autocast:
         loss = edm_loss(model, x, y, mask_ratio, p_mean, p_std)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # as train.py: no host sync
+    clip_in_optimizer(optimizer, grad_clip)  # as train.py: no host sync, no extra pass
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
@@ -1827,6 +1828,31 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_a_message(train_
                                          r"\(OSError: \[Errno 28\] No space left on device\)"):
         train.cli(train_args(train_data, tmp_path))
     assert logged(tmp_path)[-1]["step"] <= 6  # it stopped at the next save, or the end
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3], ids=["clipped", "not clipped"])
+def test_clipping_inside_the_fused_optimizer_equals_clip_grad_norm(max_norm):
+    """train.py hands the clip to the fused AdamW (grad_scale) instead of rescaling every
+    gradient first: the same norm and, to float rounding, the same weights after 3 steps as
+    clip_grad_norm_ followed by a plain AdamW step."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [torch.optim.AdamW(nets[0].parameters(), lr=1e-2, weight_decay=0.1),
+            torch.optim.AdamW(nets[1].parameters(), lr=1e-2, weight_decay=0.1, fused=True)]
+    for _ in range(3):
+        x = torch.randn(32, 8)
+        for net in nets:
+            net(x).pow(2).mean().backward()
+        expected = torch.nn.utils.clip_grad_norm_(nets[0].parameters(), max_norm)
+        assert (expected > max_norm) == (max_norm < 1)  # both cases are exercised
+        norm = train.clip_in_optimizer(opts[1], max_norm)
+        torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatch):
