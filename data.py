@@ -440,9 +440,10 @@ def to_unit_range(pixels):
 Loaded = collections.namedtuple("Loaded", "key images caption counts")
 
 
-def load_sample(record, resolutions):
+def load_sample(record, resolutions, min_size=0):
     """Record -> Loaded with `images` one uint8 (res, res, 3) array per resolution, or None
-    (then `counts` says why: exactly one skip reason per skipped record)."""
+    (then `counts` says why: exactly one skip reason per skipped record). Images whose short
+    side is below `min_size` are skipped, not upscaled."""
     counts = collections.Counter()
     caption = decode_caption(record.caption, counts)
     if caption is None:  # checked first: no point decoding an image that will be dropped
@@ -453,6 +454,9 @@ def load_sample(record, resolutions):
     conversions = collections.Counter()  # kept only if the sample makes it
     try:
         img = record.load_image()
+        if min(img.size) < min_size:  # known from the header: no need to decode it
+            counts["too_small"] += 1
+            return Loaded(record.key, None, caption, counts)
         img.load()  # truncated or corrupt files fail here, not at open
         if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a phone photo, stored sideways
             conversions["exif_rotated"] += 1
@@ -586,7 +590,8 @@ def read_manifest(out, shard_id):
 
 
 SKIP_REASONS = ("missing_caption", "empty_caption", "unreadable_caption", "missing_image",
-                "unreadable_image", "bad_tar")  # bad_tar: a tar that could not be read to its end
+                "unreadable_image", "too_small",  # too_small: below --min-size
+                "bad_tar")  # bad_tar: a tar that could not be read to its end
 
 
 def finish_index(out, num_shards, info):
@@ -638,6 +643,7 @@ class PrepareConfig:
     device: str | None = None       # cuda:LOCAL_RANK when there is a GPU, else cpu
     dtype: str | None = None        # bfloat16 on GPU, float32 on CPU
     shard_size: int = 2000          # samples per output shard (tar inputs: one shard per tar)
+    min_size: int = 0               # skip images whose short side is smaller (0: upscale them)
     seed: int = 0                   # VAE posterior noise (and the demo set's content)
     workers: int = 8                # image decoding threads
     coco_images: str | None = None
@@ -677,6 +683,8 @@ def _settings(cfg, fmt, shards, dtype):
             "shard_size": cfg.shard_size, "coco_captions": cfg.coco_captions,
             "n": cfg.n if fmt == "demo" else None, "num_shards": len(shards),
             "dtype": dtype,
+            # only when set, so that folders prepared before --min-size existed still resume
+            **({"min_size": cfg.min_size} if cfg.min_size else {}),
             "inputs_sha256": hashlib.sha256(
                 "\n".join(s.fingerprint for s in shards).encode("utf-8", "surrogateescape")
             ).hexdigest()}
@@ -689,8 +697,8 @@ def _check_settings(out, settings):
     if os.path.exists(path) and glob.glob(os.path.join(out, "shard-*.json")):
         with open(path) as f:
             old = json.load(f)
-        diff = [f"{k}: {old.get(k)!r} then, {v!r} now" for k, v in settings.items()
-                if old.get(k) != v]
+        diff = [f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now"
+                for k in {**old, **settings} if old.get(k) != settings.get(k)]
         if diff:
             raise ValueError(f"{out} holds shards prepared with other settings or from a "
                              f"changed source ({'; '.join(diff)}): use a new --out, or "
@@ -718,7 +726,8 @@ def prepare_shard(shard_id, shard, cfg, encoders, pool, progress):
         captions.extend(b.caption for b in batch)
 
     batch = []
-    loaded = _bounded_map(pool, lambda r: load_sample(r, resolutions), shard.records(counts),
+    loaded = _bounded_map(pool, lambda r: load_sample(r, resolutions, cfg.min_size),
+                          shard.records(counts),
                           window=2 * cfg.batch_size)
     for sample in loaded:
         progress.update(1)
@@ -751,6 +760,8 @@ def prepare(cfg, rank=None, world_size=None):
                         *[("--res", r) for r in cfg.res]]:
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
+    if cfg.min_size < 0:
+        raise ValueError(f"--min-size {cfg.min_size}: must be 0 (keep every image) or more")
     if cfg.vae != "none" and any(r % 8 for r in cfg.res):
         raise ValueError(f"--res {' '.join(map(str, cfg.res))}: with a VAE every resolution "
                          f"must be a multiple of 8 (its latents are res / 8 on a side)")
@@ -772,7 +783,7 @@ def prepare(cfg, rank=None, world_size=None):
             for i in todo:
                 prepare_shard(i, shards[i], cfg, encoders, pool, progress)
     info = {"resolutions": sorted(cfg.res), "pixel_space": cfg.vae == "none",
-            "vae": cfg.vae, "clip": cfg.clip, "seed": cfg.seed,
+            "vae": cfg.vae, "clip": cfg.clip, "seed": cfg.seed, "min_size": cfg.min_size,
             "source": settings["src"], "source_format": fmt}
     if cfg.vae != "none":
         vae_cfg = (encoders.vae if todo else load_vae(cfg.vae)).config
@@ -1430,6 +1441,10 @@ def main(argv=None):
     p.add_argument("--coco-captions", choices=["first", "all"], default="first")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=defaults.n,
                    help="size of the demo set (spell it --num-samples under torchrun)")
+    p.add_argument("--min-size", type=int, default=defaults.min_size,
+                   help="skip images whose short side is below this many pixels (counted as "
+                   "skipped.too_small) instead of upscaling them; the paper's 512px phases "
+                   "train on images of at least 512px")
     encoder_flags(p, vae=None, clip=defaults.clip, res=defaults.res)
 
     d = commands.add_parser("demo", help="render the built-in shapes set and prepare it")

@@ -993,6 +993,31 @@ def _save(img, path, **kw):
     return path
 
 
+def test_min_size_skips_small_images_instead_of_upscaling(tmp_path):
+    """The paper's 512px phases train on images of at least 512px: --min-size drops the
+    smaller ones (counted) rather than upscaling them, and binds the output folder."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    sizes = {"a_wide": (40, 20), "b_small": (40, 12), "c_square": (16, 16), "d_tall": (15, 90)}
+    for stem, size in sizes.items():
+        _save(Image.new("RGB", size, (200, 10, 10)), src / f"{stem}.png")
+        (src / f"{stem}.txt").write_text(f"a red {stem}")
+    summary = run_prepare(src, tmp_path / "all", res=[16])
+    assert summary["samples_written"] == 4 and summary["converted"] == {"upscaled": 2}
+    assert "min_size" not in json.load(open(tmp_path / "all" / "prepare.json"))
+    summary = run_prepare(src, tmp_path / "big", res=[16], min_size=16)
+    assert summary["samples_written"] == 2 and summary["skipped"] == {"too_small": 2}
+    assert "converted" not in summary or "upscaled" not in summary["converted"]
+    assert [k for m in shard_manifests(tmp_path / "big") for k in m["keys"]] == \
+        ["a_wide.png", "c_square.png"]
+    with pytest.raises(ValueError, match="min_size: 16 then, None now"):
+        run_prepare(src, tmp_path / "big", res=[16])
+    with pytest.raises(ValueError, match="min_size: None then, 20 now"):
+        run_prepare(src, tmp_path / "all", res=[16], min_size=20)
+    with pytest.raises(ValueError, match="--min-size -1: must be 0"):
+        run_prepare(src, tmp_path / "neg", res=[16], min_size=-1)
+
+
 def test_to_rgb_scales_float_and_16bit_images(tmp_path):
     from data import to_rgb
     # float TIFFs: PIL's own conversion made [0, 1] floats black
@@ -1690,17 +1715,26 @@ def test_crash_while_saving_leaves_previous_checkpoint(train_data, tmp_path, mon
         train.checkpoints(folder)[-1])["step"] == 6
 
 
-def test_phase_chaining(train_data, tmp_path):
+def test_phase_chaining(train_data, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--steps", "2", "--ckpt-every", "2"]
     train.main(train_args(train_data, out, *common))
-    train.main(train_args(train_data, out, *common, "--phase", "2"))
+    args = train_args(train_data, out, *common, "--phase", "2")
+    args[args.index("--data"):args.index("--data") + 2] = []   # the previous phase's data
+    train.main(args)
+    printed = capsys.readouterr().out
+    assert f"--data: {train_data}, the data the starting checkpoint trained on" in printed
+    assert "at least 512px" not in printed                      # same resolution: no note
     p2 = final_checkpoint(out, 2)
     assert p2["step"] == 4 and p2["phase_start"] == 2           # full state: the count goes on
     assert p2["optimizer"]["state"][0]["step"] == 4             # AdamW moments carried over
     # phase 3: 16 px from phase 2's weights only; pos_embed rebuilt at interpolation 2.0
-    train.main(train_args(train_data, out, *common, "--phase", "3", "--res", "16",
-                          "--ema-start", "1", "--ema-decay", "0.5"))
+    args = train_args(train_data, out, *common, "--phase", "3", "--res", "16",
+                      "--ema-start", "1", "--ema-decay", "0.5")
+    args[args.index("--data"):args.index("--data") + 2] = []
+    train.main(args)
+    assert "at 16px now: the paper trains its 512px phases on images of at least 512px" \
+        in capsys.readouterr().out                              # the paper changes data here
     p3 = final_checkpoint(out, 3)
     assert p3["step"] == 2 and p3["phase_start"] == 0
     assert p3["model_config"]["input_size"] == 16 and p3["model_config"]["pos_interp_scale"] == 2.0

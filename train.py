@@ -699,6 +699,10 @@ def main(argv=None):
         cfg["data"] = start["config"]["data"]
         if master:
             print(f"--data: {cfg['data']}, the data the starting checkpoint trained on")
+            if start["config"].get("res") != cfg["res"]:
+                print(f"  at {cfg['res']}px now: the paper trains its 512px phases on images "
+                      f"of at least 512px only, without DiffusionDB (`data.py prepare "
+                      f"--min-size 512`; README, Training)")
 
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
                       "float32": None, "bfloat16": torch.bfloat16}[cfg["dtype"]]
