@@ -10,25 +10,33 @@ import torch
 import torch.nn as nn
 
 
+def num_kept(num_tokens, mask_ratio):
+    """How many of num_tokens survive masking at mask_ratio (rounded down)."""
+    return int(num_tokens * (1 - mask_ratio))
+
+
 def random_ids_keep(batch, num_tokens, mask_ratio, device, generator=None):
     """Indices of the tokens to keep, [N, keep], drawn uniformly without replacement."""
-    keep = int(num_tokens * (1 - mask_ratio))
+    keep = num_kept(num_tokens, mask_ratio)
     noise = torch.rand(batch, num_tokens, device=device, generator=generator)  # (N, T)
-    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the smallest noise is kept
+    # ascending: the tokens with the smallest noise are kept
+    ids_shuffle = torch.argsort(noise, dim=1)                                  # (N, T)
     return ids_shuffle[:, :keep]
 
 
 def keep_tokens(x, ids_keep):
     """x [N, T, D] -> the kept tokens [N, keep, D], in the order of ids_keep."""
-    return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])                 # (N, keep, D)
+    return torch.gather(x, 1, index)
 
 
 def restore_tokens(x, ids_keep, mask_token, num_tokens):
     """Inverse of keep_tokens: [N, keep, P] -> [N, T, P], removed places filled with
     mask_token [1, 1, P]."""
     N, _, P = x.shape
-    full = mask_token.to(x.dtype).expand(N, num_tokens, P).clone()  # (N, T, P)
-    return full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, P), x)
+    full = mask_token.to(x.dtype).expand(N, num_tokens, P).clone()             # (N, T, P)
+    index = ids_keep.unsqueeze(-1).expand(-1, -1, P)                           # (N, keep, P)
+    return full.scatter(1, index, x)
 
 
 def removed_mask(ids_keep, num_tokens):
@@ -44,5 +52,6 @@ class PatchMixer(nn.ModuleList):
 
     def forward(self, x, y, c):
         for block in self:
-            x = block(x, y, c)  # (N, T, Dm)
+            # only the kept tokens when the patches were masked before the mixer
+            x = block(x, y, c)                                                 # (N, T or keep, Dm)
         return x

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mixer import PatchMixer, keep_tokens, random_ids_keep, removed_mask, restore_tokens
-from moe import ExpertChoiceMoE, TokenChoiceMoE
+from mixer import PatchMixer, keep_tokens, num_kept, random_ids_keep, removed_mask, restore_tokens
+from moe import ExpertChoiceMoE, TokenChoiceMoE, num_slots_per_expert, num_tokens_per_expert
 
 
 @dataclass
@@ -109,7 +109,7 @@ def sincos_pos_embed(dim, grid_size, base_size, interp_scale):
     the 256px model it was fine-tuned from."""
     coords = torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)
     coords = (coords / interp_scale).double()
-    grid_x, grid_y = torch.meshgrid(coords, coords, indexing="xy")  # (g, g) each
+    grid_x, grid_y = torch.meshgrid(coords, coords, indexing="xy")      # (g, g) each
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
 
     def encode(pos):
@@ -174,7 +174,8 @@ def qk_norm(x, eps):
 def attention(q, k, v, heads):
     """q [N, Tq, h], k and v [N, Tk, h] -> [N, Tq, h] with `heads` heads."""
     N, Tq, h = q.shape
-    q, k, v = (z.view(N, -1, heads, h // heads).transpose(1, 2) for z in (q, k, v))  # (N, H, T, hd)
+    q, k, v = (z.view(N, -1, heads, h // heads) for z in (q, k, v))     # (N, T, H, hd) each
+    q, k, v = (z.transpose(1, 2) for z in (q, k, v))                    # (N, H, T, hd) each
     out = F.scaled_dot_product_attention(q, k, v)                       # (N, H, Tq, hd)
     return out.transpose(1, 2).reshape(N, Tq, h)                        # (N, Tq, h)
 
@@ -221,6 +222,11 @@ def swiglu_hidden(dim, ratio, multiple_of):
     return round_up(int(2 * int(dim * ratio) / 3), multiple_of)
 
 
+def moe_hidden(dim, ratio, multiple_of):
+    # the experts are GELU MLPs, so no 2/3
+    return round_up(int(dim * ratio), multiple_of)
+
+
 def qkv_hidden(dim, ratio, head_dim):
     if ratio == 1:
         return dim
@@ -258,10 +264,10 @@ class DiTBlock(nn.Module):
         if not moe:
             self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio, cfg.multiple_of), bias)
         elif cfg.moe_routing == "expert_choice":
-            self.mlp = ExpertChoiceMoE(dim, round_up(int(dim * mlp_ratio), cfg.multiple_of),
+            self.mlp = ExpertChoiceMoE(dim, moe_hidden(dim, mlp_ratio, cfg.multiple_of),
                                        cfg.num_experts, cfg.expert_capacity)
         elif cfg.moe_routing == "token_choice":
-            self.mlp = TokenChoiceMoE(dim, round_up(int(dim * mlp_ratio), cfg.multiple_of),
+            self.mlp = TokenChoiceMoE(dim, moe_hidden(dim, mlp_ratio, cfg.multiple_of),
                                       cfg.num_experts, cfg.expert_capacity, cfg.moe_top_k)
         else:
             raise ValueError(f"moe_routing must be 'expert_choice' or 'token_choice', "
@@ -350,8 +356,9 @@ class MicroDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        # the patch embedding is a Linear applied to each patch: initialise it as one
         w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))                 # (D, C*p*p)
         nn.init.zeros_(self.x_embedder.proj.bias)
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2],
                        self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2,
@@ -406,7 +413,8 @@ class MicroDiT(nn.Module):
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2)          # (N, T, D)
         x = x + self.pos_embed
         y = self.y_emb_preprocess(self.y_embedder(y))                   # (N, L, D)
-        t_emb = self.t_embedder(t.reshape(-1).expand(N))                # (N, D)
+        t = t.reshape(-1).expand(N)                                     # (N,); t may be one scalar
+        t_emb = self.t_embedder(t)                                      # (N, D)
         c = t_emb + self.pooled_y_emb_process(y.mean(1))                # (N, D)
 
         if ids_keep is None and mask_ratio > 0:
@@ -430,8 +438,8 @@ class MicroDiT(nn.Module):
         if ids_keep is not None:
             x = restore_tokens(x, ids_keep, self.mask_token, T)         # (N, T, p*p*C)
             mask = removed_mask(ids_keep, T)
-        x = x.view(N, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)           # (N, C, h, p, w, p)
-        return x.reshape(N, C, H, W), mask
+        x = x.view(N, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)          # (N, C, h, p, w, p)
+        return x.reshape(N, C, H, W), mask                              # (N, C, H, W)
 
     def run(self, block, *inputs):
         if self.activation_checkpointing and torch.is_grad_enabled():
@@ -456,7 +464,7 @@ def forward_flops(cfg: DiTConfig, input_size=None, mask_ratio=0.0, caption_len=7
     size = input_size or cfg.input_size
     p, C, D, L = cfg.patch_size, cfg.in_channels, cfg.dim, caption_len
     T = (size // p) ** 2
-    keep = int(T * (1 - mask_ratio)) if mask_ratio > 0 else T
+    keep = num_kept(T, mask_ratio) if mask_ratio > 0 else T
     has_mixer = cfg.patch_mixer_depth > 0
     mixer_tokens = keep if cfg.mask_before_mixer else T
 
@@ -468,10 +476,11 @@ def forward_flops(cfg: DiTConfig, input_size=None, mask_ratio=0.0, caption_len=7
         if not moe:
             f += 6 * n * d * swiglu_hidden(d, mlp_ratio, cfg.multiple_of)
         else:
-            hidden = round_up(int(d * mlp_ratio), cfg.multiple_of)
+            hidden = moe_hidden(d, mlp_ratio, cfg.multiple_of)
             E = cfg.num_experts
-            routed = (E * int(cfg.expert_capacity * n / E) if cfg.moe_routing == "expert_choice"
-                      else E * math.ceil(cfg.expert_capacity * n * cfg.moe_top_k / E))
+            routed = (E * num_tokens_per_expert(cfg.expert_capacity, n, E)
+                      if cfg.moe_routing == "expert_choice"
+                      else E * num_slots_per_expert(cfg.expert_capacity, n * cfg.moe_top_k, E))
             f += 2 * n * d * E + 4 * routed * d * hidden
         return f
 
@@ -499,29 +508,3 @@ def forward_flops(cfg: DiTConfig, input_size=None, mask_ratio=0.0, caption_len=7
 def train_flops_per_image(cfg: DiTConfig, input_size=None, mask_ratio=0.0, caption_len=77):
     """Forward + backward ~ 3x forward (the backward computes two matmuls per forward one)."""
     return 3 * forward_flops(cfg, input_size, mask_ratio, caption_len)
-
-
-if __name__ == "__main__":
-    import argparse
-    import time
-
-    parser = argparse.ArgumentParser(description="Build a preset, print its size and cost, "
-                                                 "and time one forward + backward on random input.")
-    parser.add_argument("--preset", default="MicroDiT_CPU_2", choices=PRESETS)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
-    args = parser.parse_args()
-
-    cfg = PRESETS[args.preset]
-    print(cfg)
-    net = MicroDiT(cfg)
-    print(f"{args.preset}: {count_params(net):,} parameters, "
-          f"{train_flops_per_image(cfg, mask_ratio=args.mask_ratio) / 1e9:.2f} GFLOPs per "
-          f"training image at mask ratio {args.mask_ratio}")
-    N, s = args.batch_size, cfg.input_size
-    x, t = torch.randn(N, cfg.in_channels, s, s), torch.randn(N)
-    y = torch.randn(N, 77, cfg.caption_channels)
-    start = time.perf_counter()
-    out, mask = net(x, t, y, mask_ratio=args.mask_ratio)
-    (out - x).pow(2).mean().backward()
-    print(f"forward + backward, batch {N}: {1000 * (time.perf_counter() - start):.0f} ms")
