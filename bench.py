@@ -13,8 +13,10 @@
 
 Every comparison (mask 0.75 against mask 0, compiled against eager) is measured side by
 side: the variants take turns, one timed step each, and each figure is the median over its
-turns, so a slow spell of a noisy machine hits both alike. The training step is train.py's:
-EDM loss with masking, backward, grad clip, AdamW. MFU is model FLOPs (model.py's count,
+turns, so a slow spell of a noisy machine hits both alike. The training step is train.py's
+one micro-batch step (EDM loss with masking, backward, the clip inside the fused AdamW, the
+same precision rule), on random latents and without the loop around it (data loading,
+seeded noise, accumulation, logging: train.py's log.jsonl times those). MFU is model FLOPs (model.py's count,
 forward + backward) per second over the device's dense bf16 peak; it is reported on CUDA,
 or anywhere with --peak-tflops.
 """
@@ -25,12 +27,13 @@ import resource
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 
 from diffusion import edm_loss, heun_sample
-from model import PRESETS, MicroDiT, count_params, train_flops_per_image
+from mixer import num_kept
+from model import PRESETS, MicroDiT, block_ratios, count_params, qkv_hidden, train_flops_per_image
+from sample import PRECISIONS, precision
 from train import (COMPILE_MODES, PHASES, clip_in_optimizer, inductor_options, model_overrides,
                    peak_flops, set_inductor_options)
 
@@ -239,9 +242,8 @@ def bench_sampling(args, cfg, device, autocast):
 def attention_shapes(cfg, batch_size, mask_ratio):
     """(name, calls per step, batch, heads, query tokens, key tokens) of every attention in
     one forward of the model, grouped by shape."""
-    from model import block_ratios, qkv_hidden
     T, L, hd = (cfg.input_size // cfg.patch_size) ** 2, 77, cfg.head_dim
-    keep = int(T * (1 - mask_ratio)) if mask_ratio > 0 else T
+    keep = num_kept(T, mask_ratio) if mask_ratio > 0 else T
     mixer_T = keep if cfg.mask_before_mixer else T
     shapes = {("caption self", L, L, cfg.dim // hd): 1}
     Dm, n = cfg.patch_mixer_dim, cfg.patch_mixer_depth
@@ -284,21 +286,12 @@ def bench_attention(args, cfg, device, dtype):
 
 
 def bench_data(args):
-    """Loader samples/s on random 256px latents written to a temporary folder."""
-    from data import LatentLoader, bench_shards
-    n = 4 * args.data_batch
+    """Loader samples/s on random 256px latents written to a temporary folder: data.py's
+    bench, page cache warm (BENCHMARKS.md has cold-disk figures)."""
+    from data import bench
     with tempfile.TemporaryDirectory() as folder:
-        bench_shards(folder, 256, n, 1024)
-        loader = LatentLoader(folder, 256, args.data_batch, prefetch=0)
-        next(loader)  # allocates the batch buffers
-        batches = 3
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(loader)
-        dt = time.perf_counter() - t0
-        loader.close()
-    return {"batch": args.data_batch, "samples_per_s": batches * args.data_batch / dt,
-            "note": "page cache warm; see BENCHMARKS.md for cold-disk figures"}
+        return bench(folder, 256, args.data_batch, batches=3, fake_samples=4 * args.data_batch,
+                     caption_dim=1024, prefetch=0, cache="warm")
 
 
 def main(argv=None):
@@ -318,7 +311,7 @@ def main(argv=None):
     p.add_argument("--model", default="{}", help="JSON of DiTConfig overrides, e.g. "
                                                  "'{\"depth\": 8}' to try a change on fewer "
                                                  "blocks, which compile faster")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+    p.add_argument("--dtype", choices=PRECISIONS, default="auto",
                    help="auto: bfloat16 autocast on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, help="timed steps per variant (default 8)")
@@ -354,9 +347,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     device = torch.device(args.device)
     cfg = dataclasses.replace(PRESETS[args.preset], input_size=args.res // 8, **overrides)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
-             "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    autocast, dtype = precision(device, args.dtype)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads")
@@ -368,7 +359,7 @@ def main(argv=None):
                "phase": args.phase, "compile_mode": args.compile_mode,
                "inductor": json.loads(args.inductor),
                "latent": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
-               "batch_size": args.batch_size, "dtype": str(dtype or torch.float32),
+               "batch_size": args.batch_size, "dtype": str(dtype),
                "device": machine, "torch": torch.__version__,
                "peak_tflops": peak / 1e12 if peak else None,
                "max_memory_gb": args.max_memory_gb,

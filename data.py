@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from text import load_text_encoder
+from text import DEFAULT_CLIP, TINY_RANDOM, load_text_encoder
 from vae import load_vae
 
 FORMAT = "microdit-shards"
@@ -285,20 +285,37 @@ def _tar_record(tar_name, key, files):
                   None if image is None else (lambda: Image.open(io.BytesIO(image))), caption)
 
 
-def coco_shards(json_path, images_dir, which, shard_size):
-    """COCO captions: one sample per image with its first caption (file order), or one per
-    caption (`which='all'`). Images without a caption are left out."""
+def read_coco_captions(json_path, flag):
+    """A COCO captions JSON -> ({image id: file name}, {image id: [(annotation id, caption)]})
+    for the images that have a caption, each image's captions in annotation id order: its
+    first caption is the one with the lowest id, whatever the order of the file. flag: the
+    command-line option that named the file, for messages."""
     try:
         with open(json_path) as f:
             coco = json.load(f)
-        files = {im["id"]: im["file_name"] for im in coco["images"]}
-        annotations = [(a["image_id"], a["id"], a["caption"]) for a in coco["annotations"]]
+        captions = collections.defaultdict(list)
+        for a in sorted(coco["annotations"], key=lambda a: a["id"]):
+            if not isinstance(a["caption"], str):
+                raise TypeError(f"annotation {a['id']} has caption {a['caption']!r}")
+            captions[a["image_id"]].append((a["id"], a["caption"]))
+        files = {im["id"]: im["file_name"] for im in coco["images"] if im["id"] in captions}
     except ValueError as e:
-        raise ValueError(f"{json_path}: not valid JSON ({e}); is the download complete?")
+        raise ValueError(f"{flag} {json_path}: not valid JSON ({e}); is the download "
+                         f"complete?") from None
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{json_path}: not a COCO captions file (expected \"images\" with "
-                         f"id and file_name, \"annotations\" with image_id, id and caption; "
-                         f"missing {e})")
+        problem = f"no {e} key" if isinstance(e, KeyError) else e
+        raise ValueError(f"{flag} {json_path}: not a COCO captions file (expected \"images\" "
+                         f"with id and file_name, \"annotations\" with image_id, id and a "
+                         f"caption string, as in annotations/captions_val2014.json; "
+                         f"{problem})") from None
+    return files, dict(captions)
+
+
+def coco_shards(json_path, images_dir, which, shard_size):
+    """COCO captions: one sample per image with its first caption (lowest annotation id), or
+    one per caption (`which='all'`, in annotation id order). Images without a caption are
+    left out."""
+    files, captions = read_coco_captions(json_path, "--src")
     if images_dir is None:  # the usual layout: annotations/captions_X.json next to X/
         split = os.path.basename(json_path).removeprefix("captions_").removesuffix(".json")
         here = os.path.dirname(os.path.abspath(json_path))
@@ -307,9 +324,6 @@ def coco_shards(json_path, images_dir, which, shard_size):
         if images_dir is None:
             raise FileNotFoundError(f"{json_path}: cannot find its images (looked in "
                                     f"{' and '.join(candidates)}); pass --coco-images DIR")
-    captions = collections.defaultdict(list)
-    for image_id, ann_id, caption in annotations:
-        captions[image_id].append((ann_id, caption))
     records = []
     for image_id in sorted(files):
         path = os.path.join(images_dir, files[image_id])
@@ -496,23 +510,18 @@ class Encoders:
     @torch.inference_mode()
     def images(self, pixels, keys, res, seed):
         """uint8 (N, res, res, 3) -> float16 (N, C, h, w): scaled VAE posterior samples, each
-        with its own posterior_generator, exactly vae.encode_to_scaled(x[i:i+1], generator)
-        but batched; or the pixels in [-1, 1]."""
+        with its own posterior_generator; or the pixels in [-1, 1]."""
         x = to_unit_range(pixels)                                       # (N, 3, res, res)
         if self.vae is None:
             return x.half().numpy()
-        posterior = self.vae.encode(x.to(self.device, self.dtype))
-        shape = (1, *posterior.mean.shape[1:])
-        noise = torch.cat([torch.randn(shape, generator=posterior_generator(seed, k, res))
-                           for k in keys]).to(self.device)              # (N, C, h, w)
-        z = posterior.mean.float() + posterior.std.float() * noise
-        return self.vae.to_scaled(z).half().cpu().numpy()
+        generators = [posterior_generator(seed, k, res) for k in keys]
+        latents = self.vae.encode_to_scaled(x.to(self.device, self.dtype), generators)
+        return latents.half().cpu().numpy()                             # (N, C, h, w)
 
     @torch.inference_mode()
     def captions(self, captions, counts):
         """str list -> float16 (N, 77, D); counts captions cut at 77 tokens."""
-        tokenizer = self.text.tokenizer
-        counts["caption_truncated"] += sum(len(tokenizer.encode(c)) + 2 > 77 for c in captions)
+        counts["caption_truncated"] += len(self.text.truncated(captions))
         with warnings.catch_warnings():  # counted above instead of one warning per caption
             warnings.simplefilter("ignore")
             return self.text.encode(captions).half().cpu().numpy()
@@ -562,7 +571,8 @@ def sync_folder(folder):
         os.close(fd)
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """obj as indented JSON, written atomically (see atomic_write)."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
@@ -575,9 +585,9 @@ def write_shard(out, shard_id, columns, keys, captions, origin, counts):
     for column, array in columns.items():
         assert len(array) == len(keys), (column, array.shape, len(keys))
         atomic_write(column_path(out, name, column), lambda f, a=array: np.save(f, a))
-    _write_json(os.path.join(out, name + ".json"),
-                {"samples": len(keys), "origin": origin, "keys": keys, "captions": captions,
-                 "columns": sorted(columns), "counts": dict(sorted(counts.items()))})
+    write_json(os.path.join(out, name + ".json"),
+               {"samples": len(keys), "origin": origin, "keys": keys, "captions": captions,
+                "columns": sorted(columns), "counts": dict(sorted(counts.items()))})
 
 
 def read_manifest(out, shard_id):
@@ -616,15 +626,15 @@ def finish_index(out, num_shards, info):
                "skipped": {k: counts[k] for k in SKIP_REASONS if counts[k]},
                "converted": {k: v for k, v in sorted(counts.items())
                              if k not in SKIP_REASONS and v}}
-    _write_json(os.path.join(out, "summary.json"), summary)  # also when it explains a failure
+    write_json(os.path.join(out, "summary.json"), summary)  # also when it explains a failure
     if not columns:
         raise ValueError(f"{out}: every one of the {summary['records_seen']} records was "
                          f"skipped ({summary['skipped']}); summary.json has the counts")
-    _write_json(os.path.join(out, "index.json"),
-                {"format": FORMAT, "version": FORMAT_VERSION, "num_samples": num_samples,
-                 "columns": columns,
-                 "shards": [{"name": shard_name(i), "samples": m["samples"]}
-                            for i, m in enumerate(manifests)], **info})
+    write_json(os.path.join(out, "index.json"),
+               {"format": FORMAT, "version": FORMAT_VERSION, "num_samples": num_samples,
+                "columns": columns,
+                "shards": [{"name": shard_name(i), "samples": m["samples"]}
+                           for i, m in enumerate(manifests)], **info})
     return True
 
 
@@ -637,7 +647,7 @@ class PrepareConfig:
     out: str
     res: list = field(default_factory=lambda: [256])
     vae: str = "none"               # VAE folder/file for vae.load_vae, or 'none' for pixels
-    clip: str = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"  # or a local file, or 'tiny-random'
+    clip: str = DEFAULT_CLIP        # an OpenCLIP hub id, a local file, or 'tiny-random'
     format: str | None = None       # detected from src when None
     batch_size: int = 64
     device: str | None = None       # cuda:LOCAL_RANK when there is a GPU, else cpu
@@ -704,7 +714,7 @@ def _check_settings(out, settings):
                              f"changed source ({'; '.join(diff)}): use a new --out, or "
                              f"delete {out} to start over")
     else:
-        _write_json(path, settings)
+        write_json(path, settings)
 
 
 def prepare_shard(shard_id, shard, cfg, encoders, pool, progress):
@@ -744,14 +754,29 @@ def prepare_shard(shard_id, shard, cfg, encoders, pool, progress):
                 captions, shard.origin, counts)
 
 
+ProcessEnv = collections.namedtuple("ProcessEnv", "rank world_size device")
+
+
+def process_env(device=None):
+    """This process's rank, world size and device, from torchrun's environment (RANK,
+    WORLD_SIZE, LOCAL_RANK; 0, 1 and 0 without torchrun). device None means cuda when there
+    is a GPU, else cpu; a bare 'cuda' means this rank's own GPU, cuda:LOCAL_RANK, not GPU 0
+    for every rank; any other device is kept as given."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return ProcessEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                      device)
+
+
 def prepare(cfg, rank=None, world_size=None):
     """Prepare this rank's shards (shard i belongs to rank i % world_size), skipping complete
     ones; the last rank to finish writes the index. Returns the summary dict when this call
     wrote the index, else None."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    env = process_env(cfg.device)
+    rank = env.rank if rank is None else rank
+    world_size = env.world_size if world_size is None else world_size
+    device = env.device
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if cfg.coco_captions not in ("first", "all"):
         raise ValueError(f"--coco-captions {cfg.coco_captions!r}: 'first' or 'all'")
@@ -1081,7 +1106,7 @@ def ensure_demo_data(out, master=True, res=32, n=PrepareConfig.n, seed=0):
     `out` unless it is there already; returns out. Only the master prepares: other ranks
     must wait (e.g. at a barrier) before reading it."""
     if master and not os.path.exists(os.path.join(out, "index.json")):
-        prepare(PrepareConfig(src="demo", out=out, res=[res], vae="none", clip="tiny-random",
+        prepare(PrepareConfig(src="demo", out=out, res=[res], vae="none", clip=TINY_RANDOM,
                               format="demo", n=n, seed=seed), rank=0, world_size=1)
     return out
 
@@ -1277,8 +1302,7 @@ class LatentLoader:
             if d.num_samples < world_size:
                 raise ValueError(f"{d.path}: {d.num_samples} samples cannot be split over "
                                  f"{world_size} ranks")
-        self.resolution, self.batch_size = resolution, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.world_size, self.seed = world_size, seed
         self.num_samples = [d.num_samples for d in self.datasets]
         self.weights = [w for _, w in specs]
         self._plan = _Plan(self.num_samples, self.weights, batch_size, rank, world_size, seed,
@@ -1374,10 +1398,10 @@ def bench_shards(out, res, n, caption_dim, shard_size=4096):
 
 
 def bench(data, res, batch_size, batches, fake_samples, caption_dim, prefetch, cache):
-    """Loader throughput; with fake_samples, first writes that many random samples to data.
-    cache 'warm': read the shards once first; 'cold': evict them from the page cache
-    (posix_fadvise) and time only the rest of the first epoch, so every timed read comes
-    from the disk; 'as-is': neither."""
+    """Loader throughput, printed and returned as a dict; with fake_samples, first writes
+    that many random samples to data. cache 'warm': read the shards once first; 'cold':
+    evict them from the page cache (posix_fadvise) and time only the rest of the first
+    epoch, so every timed read comes from the disk; 'as-is': neither."""
     if fake_samples and not os.path.exists(os.path.join(data, "index.json")):
         bench_shards(data, res, fake_samples, caption_dim)
     for path in glob.glob(os.path.join(data, "*.npy")) if cache != "as-is" else []:
@@ -1393,19 +1417,26 @@ def bench(data, res, batch_size, batches, fake_samples, caption_dim, prefetch, c
           f"{torch.get_num_threads()} torch threads")
 
     def rate(n):
+        """(samples/s, ms/batch) over the next n batches."""
         t0 = time.perf_counter()
         for _ in range(n):
             next(loader)
         dt = time.perf_counter() - t0
-        return f"{n * batch_size / dt:,.0f} samples/s ({dt / n * 1e3:.1f} ms/batch)"
+        return n * batch_size / dt, dt / n * 1e3
 
     warmup = prefetch + 3  # every batch buffer the pool will hold gets allocated once here
+    startup = rate(warmup)
     print(f"first {warmup} batches (start-up: buffer allocation, first mappings): "
-          f"{rate(warmup)}")
+          f"{startup[0]:,.0f} samples/s ({startup[1]:.1f} ms/batch)")
     if cache == "cold":  # the rest of the first epoch: a second one would hit the page cache
         batches = min(batches, sum(loader.num_samples) // batch_size - warmup)
-    print(f"next {batches} batches, page cache {cache}: {rate(batches)}")
+    timed = rate(batches)
+    print(f"next {batches} batches, page cache {cache}: {timed[0]:,.0f} samples/s "
+          f"({timed[1]:.1f} ms/batch)")
     loader.close()
+    return {"batch": batch_size, "prefetch": prefetch, "cache": cache,
+            "startup_batches": warmup, "startup_samples_per_s": startup[0],
+            "batches": batches, "samples_per_s": timed[0], "ms_per_batch": timed[1]}
 
 
 def main(argv=None):
@@ -1450,7 +1481,7 @@ def main(argv=None):
     d = commands.add_parser("demo", help="render the built-in shapes set and prepare it")
     d.add_argument("--n", "--num-samples", dest="n", type=int, default=defaults.n,
                    help="how many images (spell it --num-samples under torchrun)")
-    encoder_flags(d, vae="none", clip="tiny-random", res=[32])
+    encoder_flags(d, vae="none", clip=TINY_RANDOM, res=[32])
 
     i = commands.add_parser("info", help="describe a prepared (or MDS) dataset")
     i.add_argument("path")

@@ -18,12 +18,12 @@ SIGMA_DATA = 0.9  # std of the scaled VAE latents the released models were train
 
 @dataclass
 class EDMConfig:
+    """The sampler's noise levels. The training noise, ln(sigma) ~ N(p_mean, p_std^2), is
+    part of each phase's recipe (train.PHASES) and is passed to the loss."""
     sigma_data: float = SIGMA_DATA
-    p_mean: float = -0.6     # log-normal training noise: ln(sigma) ~ N(p_mean, p_std^2)
-    p_std: float = 1.2
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    rho: float = 7.0         # sampler step spacing; larger spends more steps at low noise
+    rho: float = 7.0         # step spacing; larger spends more steps at low noise
 
 
 def guided(net, x, t, y, cfg):
@@ -84,11 +84,11 @@ def edm_loss(net, x, y, mask_ratio=0.0, p_mean=-0.6, p_std=1.2, normal=None, noi
                                sigma_data)[0].mean()
 
 
-def sigma_steps(steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
+def sigma_steps(steps, edm=EDMConfig(), device=None):
     """The EDM noise schedule [steps + 1] in float64, ending with sigma = 0."""
     ramp = torch.arange(steps, dtype=torch.float64, device=device) / max(steps - 1, 1)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
+    lo, hi = edm.sigma_min ** (1 / edm.rho), edm.sigma_max ** (1 / edm.rho)
+    sigmas = (hi + ramp * (lo - hi)) ** edm.rho
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
@@ -97,7 +97,7 @@ def heun_sample(net, noise, y, steps=30, cfg=5.0, edm=EDMConfig()):
     """Deterministic Heun sampler (EDM Algorithm 1, no churn) from standard-normal noise
     [N, C, H, W]. The state is kept in float64 (its updates are small differences of
     large numbers at high noise); the network runs in float32 or the autocast dtype."""
-    sigmas = sigma_steps(steps, edm.sigma_min, edm.sigma_max, edm.rho, noise.device)
+    sigmas = sigma_steps(steps, edm, noise.device)
     x = noise.to(torch.float64) * sigmas[0]
 
     def slope(x, sigma):

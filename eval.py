@@ -75,14 +75,14 @@ import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
 from data import COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, ShapeAttributes
-from data import atomic_write, caption_of, render_shapes, resize_center_crop, sample_attributes
-from data import to_rgb
-from inception import INCEPTION_URL, RANDOM, load_inception, sha256_of
+from data import atomic_write, caption_of, process_env, read_coco_captions, render_shapes
+from data import resize_center_crop, sample_attributes, to_rgb, write_json
+from inception import INCEPTION_URL, RANDOM, he_init, load_inception, sha256_of
 from sample import check_device, load_pipeline
+from text import TINY_RANDOM
 
 ATTRIBUTES = ("shape", "color", "size", "position")
 CLIP_SCORE_MODEL = "ViT-L-14:openai"
-TINY_RANDOM = "tiny-random"
 FEATURE_BATCH = 50  # images per Inception / CLIP forward; the results do not depend on it
 
 Stats = collections.namedtuple("Stats", "mu sigma count")
@@ -326,26 +326,15 @@ def choose_captions(captions_json, n, seed=0):
     of the captioned images (sorted by id) and one caption of each (sorted by annotation id)
     drawn with the same generator. The draws cover every image, so a smaller n picks the
     first images of a larger one."""
-    try:
-        with open(captions_json) as f:
-            coco = json.load(f)
-        captions = collections.defaultdict(list)
-        for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
-            captions[ann["image_id"]].append(ann["caption"].strip())
-        files = {im["id"]: im["file_name"] for im in coco["images"] if captions[im["id"]]}
-    except ValueError as e:
-        raise ValueError(f"--captions {captions_json}: not valid JSON ({e}); is the download "
-                         f"complete?") from None
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"--captions {captions_json}: not a COCO captions file (missing "
-                         f"{e}); expected annotations/captions_val2014.json") from None
+    files, captions = read_coco_captions(captions_json, "--captions")
     ids = sorted(files)
     if n > len(ids):
         raise ValueError(f"--n {n}: {captions_json} has only {len(ids)} captioned images")
     rng = np.random.default_rng(seed)
     order = [ids[j] for j in rng.permutation(len(ids))]
     picks = rng.integers(0, [len(captions[i]) for i in order])
-    return [{"index": k, "image_id": i, "file_name": files[i], "caption": captions[i][p]}
+    return [{"index": k, "image_id": i, "file_name": files[i],
+             "caption": captions[i][p][1].strip()}
             for k, (i, p) in enumerate(zip(order[:n], picks[:n].tolist()))]
 
 
@@ -355,13 +344,6 @@ def batch_seed(seed, k):
 
 def image_path(out, index):
     return os.path.join(out, "images", f"{index:05d}.png")
-
-
-def coco_device(args):
-    """This rank's device: a bare 'cuda' (or the default on a GPU machine) means the
-    rank's own GPU, cuda:LOCAL_RANK, not GPU 0 for every rank."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device == "cuda" else device
 
 
 def coco_generate(args, rank=0, world_size=1):
@@ -384,7 +366,7 @@ def coco_generate(args, rank=0, world_size=1):
                              f"use another --out")
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     if rank == 0:
-        atomic_write(settings_path, lambda f: f.write(json.dumps(settings).encode()))
+        write_json(settings_path, settings)
 
     chosen, B = choose_captions(args.captions, args.n, args.seed), args.batch_size
     batches = [range(k * B, min((k + 1) * B, args.n))
@@ -392,7 +374,7 @@ def coco_generate(args, rank=0, world_size=1):
     todo = [b for b in batches if not all(os.path.exists(image_path(args.out, i)) for i in b)]
     if not todo:
         return
-    pipe = load_pipeline(args.ckpt, args.vae, args.clip, coco_device(args))
+    pipe = load_pipeline(args.ckpt, args.vae, args.clip, process_env(args.device).device)
     for indices in tqdm(todo, disable=rank != 0, unit="batch", desc="generating"):
         images = generate(pipe.net, pipe.text_encoder, pipe.vae,
                           [chosen[i]["caption"] for i in indices],
@@ -469,7 +451,7 @@ def coco_evaluate(args):
     check_generated(args.out, chosen)
     with Image.open(fake[0]) as img:
         res = img.size[0]
-    device = coco_device(args)
+    device = process_env(args.device).device
     inception = load_inception(args.inception, device)
     scorer = load_clip_scorer(args.clip_score_model, device)  # both models before any work
     real = coco_references(args, chosen)
@@ -489,10 +471,8 @@ def coco_evaluate(args):
               "n": args.n, "resolution": res, "feature_net": inception.name,
               "clip_score_model": scorer.name,
               **{k: getattr(args, k) for k in ("ckpt", "seed", "steps", "cfg", "batch_size")}}
-    atomic_write(os.path.join(args.out, "captions.json"),
-                  lambda f: f.write(json.dumps(chosen, indent=1).encode()))
-    atomic_write(os.path.join(args.out, "result.json"),
-                  lambda f: f.write(json.dumps(result, indent=1).encode()))
+    write_json(os.path.join(args.out, "captions.json"), chosen)
+    write_json(os.path.join(args.out, "result.json"), result)
     return result
 
 
@@ -503,8 +483,7 @@ def templates(background, res):
     attrs = [ShapeAttributes(s, c, z, p, background)
              for s, c, z, p in itertools.product(SHAPES, COLORS, SIZES, POSITIONS)
              if c != background]
-    images = np.stack([np.asarray(render_shapes(a, res)) for a in attrs])
-    return attrs, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return attrs, torch.stack([unit_tensor(render_shapes(a, res)) for a in attrs])
 
 
 def read_attributes(image, background):
@@ -532,10 +511,7 @@ def shapes_feature_net(seed=0):
             layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), nn.ReLU()]
             width = channels
         net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        for m in net:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        he_init(net)
     return net.eval().requires_grad_(False)
 
 
@@ -689,7 +665,7 @@ def main(argv=None):
 
 
 def run(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size, device = process_env(args.device)
     check_device(device)
     least = {"shapes": {"n": 2, "steps": 1}, "coco": {"n": 1, "steps": 1, "batch_size": 1},
              "fid": {}}[args.command]
@@ -709,7 +685,6 @@ def run(args):
         print(json.dumps(folder_fid(args.real, args.fake, load_inception(args.inception, device),
                                     args.ref_stats)))
     else:
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if world_size > 1:  # a process group only to wait for every rank's images
             import datetime
             import torch.distributed as dist

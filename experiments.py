@@ -39,7 +39,7 @@ from data import LatentDataset, ensure_demo_data
 from diffusion import edm_loss_per_sample
 from eval import evaluate_shapes
 from model import PRESETS, DiTConfig, train_flops_per_image
-from sample import load_dit
+from sample import load_dit, slug
 
 HELD_OUT_SIGMAS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0]
 HELD_OUT = 256  # images, drawn from HELD_OUT_DRAWS of data seed 1
@@ -72,8 +72,7 @@ TITLES = {1: "Masking: none, naive, deferred (same steps; and same compute)",
 def run_folder(out, name, steps, batch, seed):
     """One folder per run and budget: a rerun with another --seed, --steps or --batch-size
     trains anew instead of resuming (or reusing) a run made with the old ones."""
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-    return os.path.join(out, f"{slug}_steps{steps}_batch{batch}_seed{seed}")
+    return os.path.join(out, f"{slug(name)}_steps{steps}_batch{batch}_seed{seed}")
 
 
 def train_run(out, name, mask_ratio, overrides, steps, batch, data, seed):

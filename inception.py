@@ -105,12 +105,7 @@ class FIDInception(nn.Module):
         and variance 1."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                elif isinstance(m, nn.BatchNorm2d):
-                    m.reset_parameters()
-            nn.init.zeros_(self.fc.bias)
+            he_init(self)
         self.name = f"{RANDOM}-{seed}"
 
     def forward(self, x):
@@ -126,6 +121,19 @@ class FIDInception(nn.Module):
         x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (N, 768, 17, 17)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))              # (N, 2048, 8, 8)
         return x.mean(dim=(2, 3))                                       # (N, 2048)
+
+
+def he_init(net):
+    """He-normal weights for every convolution and linear layer, zero biases, fresh batch
+    norms: ReLU activations keep about unit scale however deep the net. Draws from torch's
+    global generator, which the caller seeds (in a fork_rng) for fixed weights."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
 
 
 def inception_weights_hint():

@@ -32,10 +32,6 @@ PIXEL_SPACE = "none"  # --vae none: the model works on pixels directly
 Pipeline = collections.namedtuple("Pipeline", "net text_encoder vae device")
 
 
-class CheckpointError(ValueError):
-    pass
-
-
 def download_instructions():
     return ("Download the released weights once (about 9 GB in all):\n"
             f"    hf download {RELEASED_REPO} {RELEASED_CKPT} --local-dir weights\n"
@@ -88,27 +84,68 @@ def with_stored_interp_scale(cfg, pos_embed):
 MICRODIT_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.y_proj.fc1.weight")
 
 
+def fit_preset(preset, state):
+    """A preset with the sizes a state_dict's weights show (latent channels, patch size,
+    latent size, caption width) and the position interpolation its pos_embed was built
+    with."""
+    try:
+        proj = state["x_embedder.proj.weight"]                         # (D, C, p, p)
+        grid = int(round(state["pos_embed"].shape[1] ** 0.5))           # patches per side
+        caption_channels = state["y_embedder.y_proj.fc1.weight"].shape[1]
+    except KeyError as e:
+        raise ValueError(f"not a MicroDiT state_dict: no {e}") from e
+    cfg = dataclasses.replace(preset, in_channels=proj.shape[1], patch_size=proj.shape[2],
+                              input_size=grid * proj.shape[2], caption_channels=caption_channels)
+    return with_stored_interp_scale(cfg, state["pos_embed"])
+
+
 def infer_config(state):
     """DiTConfig of a bare state_dict (a released .pt): sizes are read off the weights and
     the preset is the one whose every name and shape fits."""
-    try:
-        proj = state["x_embedder.proj.weight"]                         # (D, C, p, p)
-        tokens = state["pos_embed"].shape[1]
-        caption_channels = state["y_embedder.y_proj.fc1.weight"].shape[1]
-    except KeyError as e:
-        raise CheckpointError(f"not a MicroDiT state_dict: no {e}") from e
-    input_size = int(round(tokens ** 0.5)) * proj.shape[2]
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    for name, preset in PRESETS.items():
-        cfg = dataclasses.replace(preset, in_channels=proj.shape[1], patch_size=proj.shape[2],
-                                  input_size=input_size, caption_channels=caption_channels)
+    for preset in PRESETS.values():
+        cfg = fit_preset(preset, state)
         with torch.device("meta"):
             net = MicroDiT(cfg)
         if {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes:
-            return with_stored_interp_scale(cfg, state["pos_embed"])
-    raise CheckpointError(f"the weights (width {proj.shape[0]}, {len(shapes)} tensors) fit no "
-                          f"preset in {list(PRESETS)}: use a checkpoint saved by train.py, "
-                          f"which carries its config")
+            return cfg
+    raise ValueError(f"the weights (width {state['x_embedder.proj.weight'].shape[0]}, "
+                     f"{len(shapes)} tensors) fit no preset in {list(PRESETS)}: use a "
+                     f"checkpoint saved by train.py, which carries its config")
+
+
+def load_checkpoint(path):
+    """torch.load of a checkpoint (tensors and plain types only), a damaged file said in a
+    message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load raises many kinds on a damaged file
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). It is damaged (a disk "
+                         f"error, a partial download or copy) or not a PyTorch checkpoint: "
+                         f"get it again. train.py writes checkpoints whole or not at all; if "
+                         f"this is a run's latest, move it away to resume from the one "
+                         f"before") from None
+
+
+def weights_of(ckpt, path):
+    """(state_dict, model config dict or None, extra info) of a loaded checkpoint: a
+    train.py one (EMA weights preferred) or a bare state_dict (a released .pt)."""
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
+        info = {k: ckpt.get(k) for k in ("vae", "clip", "step")}
+        info["data"] = (ckpt.get("config") or {}).get("data")  # what it was trained on
+        return check_weights(state, path), ckpt.get("model_config"), info
+    return check_weights(ckpt, path), None, {}
+
+
+def check_weights(state, path):
+    if not isinstance(state, dict) or not all(k in state for k in MICRODIT_KEYS):
+        raise ValueError(f"{path}: not MicroDiT weights (a MicroDiT state_dict has "
+                         f"{', '.join(MICRODIT_KEYS)}, ...)")
+    return state
 
 
 def read_checkpoint(path):
@@ -116,34 +153,18 @@ def read_checkpoint(path):
     state_dict), a train.py checkpoint (EMA weights preferred) or an exported .safetensors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found.\n" + download_instructions())
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        try:
-            meta = safe_open(path, "pt").metadata() or {}
-            info = json.loads(meta.get("info", "{}"))
-            state, config = load_file(path), info.get("model_config")
-        except Exception as e:  # SafetensorError on a cut-short or foreign file
-            raise CheckpointError(f"{path}: cannot read it as safetensors weights "
-                                  f"({type(e).__name__}: {e}); download or export it "
-                                  f"again") from None
-    else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read it as a checkpoint "
-                                  f"({type(e).__name__}: {e})") from None
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-            state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
-            info = {k: ckpt.get(k) for k in ("vae", "clip", "step")}
-            info["data"] = (ckpt.get("config") or {}).get("data")  # what it was trained on
-            config = ckpt.get("model_config")
-        else:
-            state, config, info = ckpt, None, {}
-    if not isinstance(state, dict) or not all(k in state for k in MICRODIT_KEYS):
-        raise CheckpointError(f"{path}: not MicroDiT weights (a MicroDiT state_dict has "
-                              f"{', '.join(MICRODIT_KEYS)}, ...)")
-    return state, config, info
+    if not path.endswith(".safetensors"):
+        return weights_of(load_checkpoint(path), path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        meta = safe_open(path, "pt").metadata() or {}
+        info = json.loads(meta.get("info", "{}"))
+        state, config = load_file(path), info.get("model_config")
+    except Exception as e:  # SafetensorError on a cut-short or foreign file
+        raise ValueError(f"{path}: cannot read it as safetensors weights "
+                         f"({type(e).__name__}: {e}); download or export it again") from None
+    return check_weights(state, path), config, info
 
 
 def load_dit(path, preset=None, latent_size=None, device="cpu"):
@@ -156,12 +177,7 @@ def build_dit(state, config, preset=None, latent_size=None, device="cpu", source
     """MicroDiT holding `state`. `preset` forces an architecture (an error names the first
     mismatching tensors); `latent_size` rebuilds pos_embed for another resolution."""
     if preset is not None:
-        cfg = PRESETS[preset]
-        proj = state["x_embedder.proj.weight"]
-        grid = int(round(state["pos_embed"].shape[1] ** 0.5))  # patches per side
-        cfg = dataclasses.replace(cfg, in_channels=proj.shape[1], input_size=grid * proj.shape[2],
-                                  caption_channels=state["y_embedder.y_proj.fc1.weight"].shape[1])
-        cfg = with_stored_interp_scale(cfg, state["pos_embed"])
+        cfg = fit_preset(PRESETS[preset], state)
     elif config is not None:
         cfg = DiTConfig.from_dict(config)
     else:
@@ -178,7 +194,7 @@ def build_dit(state, config, preset=None, latent_size=None, device="cpu", source
     bad += [f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items()
             if k in state and state[k].shape != v.shape]
     if bad:
-        raise CheckpointError(f"{source} does not match {preset or 'its config'}: "
+        raise ValueError(f"{source} does not match {preset or 'its config'}: "
                               f"{len(bad)} mismatches, first: {', '.join(bad[:4])}")
     # copies made on the device in the model's dtypes: nothing is shared with the caller's
     # tensors (train.py passes its live weights), half-precision files load as float32
@@ -208,15 +224,33 @@ def grid_image(images, columns):
     return grid
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def precision(device, dtype="auto"):
+    """The project's one precision rule, for training, sampling and benchmarks: bf16 autocast
+    on CUDA and float32 elsewhere ('auto'), or as asked. Returns (autocast context or a null
+    one, the compute dtype); weights stay float32 either way."""
+    if dtype not in PRECISIONS:
+        raise ValueError(f"precision {dtype!r}: choose from {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if dtype == torch.float32:
+        return nullcontext(), dtype
+    return torch.autocast(device.type, dtype=dtype), dtype
+
+
 @torch.no_grad()
-def generate(net, text_encoder, vae, prompts, seed, steps, cfg, batch_size, device):
-    """Images [N, 3, H, W] in [0, 1] for the prompts (vae None: pixel-space model)."""
+def generate(net, text_encoder, vae, prompts, seed, steps, cfg, batch_size, device,
+             dtype="auto"):
+    """Images [N, 3, H, W] in [0, 1] for the prompts (vae None: pixel-space model); `dtype`
+    as for precision()."""
     c = net.cfg
     generator = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(len(prompts), c.in_channels, c.input_size, c.input_size,
                         generator=generator, device=device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
-                else nullcontext())
+    autocast, _ = precision(device, dtype)
     images = []
     for start in range(0, len(prompts), batch_size):
         y = text_encoder.encode(prompts[start:start + batch_size])
@@ -286,7 +320,7 @@ def load_encoders(vae_name, clip_name, latent_channels, caption_width, device="c
             raise ValueError(f"no released VAE has {latent_channels}-channel latents: pass "
                              f"--vae (or --vae {PIXEL_SPACE} for a pixel-space model)")
         from vae import load_vae
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        _, dtype = precision(device)
         vae = load_vae(resolve_vae(vae_name or DEFAULT_VAES[latent_channels]), device, dtype)
         if vae.config.latent_channels != latent_channels:
             raise ValueError(f"the VAE {vae_name!r} has {vae.config.latent_channels}-channel "

@@ -532,6 +532,14 @@ def test_vae_posterior_sample_is_seeded_reparameterisation():
     torch.testing.assert_close(posterior.std, torch.exp(0.5 * posterior.logvar))
     torch.testing.assert_close(scaled, vae.to_scaled(sample))  # a sample, not the mean
     assert not torch.allclose(sample, posterior.mean)
+    # one generator per row: each row's noise is what its generator alone draws
+    rows = posterior.sample([torch.Generator().manual_seed(s) for s in (5, 6)])
+    for row, s in enumerate((5, 6)):
+        alone = torch.randn((1, 16, 16, 16), generator=torch.Generator().manual_seed(s))
+        torch.testing.assert_close(rows[row:row + 1], posterior.mean[row:row + 1]
+                                   + posterior.std[row:row + 1] * alone, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        posterior.sample([torch.Generator()] * 3)
 
 
 def test_vae_bad_files_give_clear_errors(tmp_path):
@@ -1244,9 +1252,9 @@ def test_coco_first_or_every_caption(tmp_path):
             root / "train2014" / f"COCO_train2014_{image_id:012d}.jpg")
     coco = {"images": [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg"} for i in (3, 1, 2)],
             "annotations": [{"image_id": 1, "id": 10, "caption": "one a"},
-                            {"image_id": 3, "id": 11, "caption": "three a"},
-                            {"image_id": 1, "id": 12, "caption": "one b"},
-                            {"image_id": 3, "id": 13, "caption": "three b"}]}
+                            {"image_id": 3, "id": 13, "caption": "three b"},  # first in the
+                            {"image_id": 1, "id": 12, "caption": "one b"},    # file, but the
+                            {"image_id": 3, "id": 11, "caption": "three a"}]}  # lowest id wins
     json_path = root / "annotations" / "captions_train2014.json"
     json_path.write_text(json.dumps(coco))
     run_prepare(json_path, tmp_path / "first")
@@ -1259,6 +1267,10 @@ def test_coco_first_or_every_caption(tmp_path):
     assert [k for m in every for k in m["keys"]] == ["1-10", "1-12", "3-11", "3-13"]
     px = shard_arrays(tmp_path / "all", "images_16")
     np.testing.assert_array_equal(px[0], px[1])  # same image, two captions
+    coco["annotations"][0]["caption"] = None
+    json_path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="not a COCO captions file.*annotation 10 has caption"):
+        run_prepare(json_path, tmp_path / "null")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1604,6 +1616,14 @@ def test_cli_demo_info_and_errors_from_the_prefetch_thread(tmp_path, capsys):
             next(loader)
 
 
+def test_data_bench_prints_and_returns_its_figures(tmp_path, capsys):
+    figures = data.bench(str(tmp_path / "fake"), 16, 8, batches=2, fake_samples=40,
+                         caption_dim=8, prefetch=0, cache="warm")
+    assert (figures["batch"], figures["batches"], figures["startup_batches"]) == (8, 2, 3)
+    assert figures["samples_per_s"] > 0 and figures["ms_per_batch"] > 0
+    assert "next 2 batches, page cache warm" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- train.py
 
 import train  # noqa: E402  (after the data tests, which do not need it)
@@ -1864,6 +1884,19 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_a_message(train_
     assert logged(tmp_path)[-1]["step"] <= 6  # it stopped at the next save, or the end
 
 
+def test_one_precision_rule_for_training_sampling_and_benchmarks():
+    from sample import precision
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    for device, asked, expected in [("cpu", "auto", torch.float32),
+                                    ("cpu", "float32", torch.float32),
+                                    ("cpu", "bfloat16", torch.bfloat16)]:
+        context, dtype = precision(device, asked)
+        with context:
+            assert (a @ b).dtype == expected == dtype, (device, asked)
+    with pytest.raises(ValueError, match="precision 'fp16': choose from auto, float32, bfloat16"):
+        precision("cpu", "fp16")
+
+
 @pytest.mark.parametrize("max_norm", [0.05, 1e3], ids=["clipped", "not clipped"])
 def test_clipping_inside_the_fused_optimizer_equals_clip_grad_norm(max_norm):
     """train.py hands the clip to the fused AdamW (grad_scale) instead of rescaling every
@@ -1934,7 +1967,7 @@ def test_the_step_does_not_wait_for_the_device(train_data, tmp_path, monkeypatch
     monkeypatch.setattr(torch.Tensor, "item", item)
     monkeypatch.setattr(train, "learning_rate", learning_rate)
     train.main(train_args(train_data, tmp_path / "batched", *extra, "--log-every", "3"))
-    width = 2 + 2 * (len(train.SIGMA_BUCKETS) + 1)  # grad norm, loss, bucket sums and counts
+    width = 3 + 2 * (len(train.SIGMA_BUCKETS) + 1)  # grad norm, loss, aux, bucket sums, counts
     assert [r for r in reads if r[-1:] == (width,)] == [(3, width), (3, width), (2, width),
                                                        (1, width)]  # 3, 6, 8 (ckpt), 9 (end)
     assert looping == list(range(9)) and items == []
@@ -2981,6 +3014,12 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     folder_of = lambda r: experiments.run_folder(out, r["name"], 2, 8, 0)  # noqa: E731
     ckpt = lambda r: final_checkpoint(folder_of(r))
     assert ckpt(results[1])["model_config"]["moe_routing"] == "token_choice"
+    # token choice logs its load-balancing loss (E sum f_e P_e: 1 when balanced, up to E);
+    # every line carries every noise bucket, null where no sample fell
+    for r, aux in zip(results[:2], [False, True]):
+        for line in logged(folder_of(r)):
+            assert ("aux_loss" in line) == aux and set(train.bucket_names()) <= set(line)
+            assert not aux or 0.5 < line["aux_loss"] <= 8
     assert list(ckpt(results[2])["model_config"]["mlp_ratio"]) == [2.25, 2.25]
     # held-out loss: the mean over the fixed noise levels, recomputed here by hand
     from sample import load_dit

@@ -41,13 +41,17 @@ class TextEncoder(nn.Module):
         self.name = name
         self.width = tower.ln_final.weight.shape[0]
 
+    def truncated(self, prompts):
+        """(token count, prompt) for each prompt longer than the 77 tokens the tower reads
+        (start and end tokens included): those are cut."""
+        counts = [(len(self.tokenizer.encode(p)) + 2, p) for p in prompts]
+        return [(n, p) for n, p in counts if n > CONTEXT_LENGTH]
+
     def tokenize(self, prompts):
         """Token ids [N, 77]; warns about prompts longer than 77 tokens (they are cut)."""
-        for prompt in prompts:
-            n = len(self.tokenizer.encode(prompt)) + 2  # start and end tokens
-            if n > CONTEXT_LENGTH:
-                warnings.warn(f"prompt has {n} tokens and is truncated to {CONTEXT_LENGTH}: "
-                              f"{prompt[:60]!r}...")
+        for n, prompt in self.truncated(prompts):
+            warnings.warn(f"prompt has {n} tokens and is truncated to {CONTEXT_LENGTH}: "
+                          f"{prompt[:60]!r}...")
         return self.tokenizer(list(prompts))
 
     @torch.no_grad()

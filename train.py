@@ -7,7 +7,8 @@
 Rerunning a command resumes from the phase's latest checkpoint, with the recipe the
 checkpoint was trained with except what the command line sets again.
 
-One loop, top to bottom: schedule, checkpoint/samples, micro-steps, step, log. The same
+One loop, top to bottom: schedule, micro-steps, step (and EMA), log, checkpoint/samples.
+The log is read every --log-every steps, and always before a checkpoint or a grid. The same
 file runs as one process or under torchrun (DDP; NCCL on GPU, gloo on CPU).
 
 Every random draw of a micro-batch (noise levels, noise, kept patches) comes from a
@@ -35,11 +36,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from data import LatentLoader, atomic_write, data_info, ensure_demo_data
+from data import LatentLoader, atomic_write, data_info, ensure_demo_data, write_json
 from diffusion import edm_loss_per_sample
 from mixer import random_ids_keep
 from model import PRESETS, DiTConfig, MicroDiT, count_params, train_flops_per_image
+from sample import (PRECISIONS, build_dit, generate, grid_image, infer_config, load_checkpoint,
+                    load_encoders, precision, read_checkpoint, to_pil, weights_of)
 
 # SPEC section 5. Steps, warmup and EMA start count from the start of the phase;
 # micro_batch is the per-GPU batch the paper used on 8xH100.
@@ -102,7 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--inductor", default="{}",
                    help='JSON of torch._inductor.config settings for torch.compile, e.g. '
                         '\'{"coordinate_descent_tuning": true}\'')
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+    p.add_argument("--dtype", choices=PRECISIONS, default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer "
                                                        "state over the processes (FSDP2) "
@@ -318,7 +322,7 @@ def record_run(folder, step, record):
     for name in CODE_FILES:
         shutil.copy2(os.path.join(here, name), code)
     for path in (os.path.join(folder, "config.json"), os.path.join(code, "config.json")):
-        atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+        write_json(path, record)
 
 
 def phase_dir(out, phase):
@@ -395,19 +399,6 @@ def cpu_copy(state):
     return state
 
 
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch.load raises many kinds on a damaged file
-        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). Checkpoints are written "
-                         f"whole or not at all, so it was damaged after (a disk error, a "
-                         f"partial copy); if it is a run's latest, move it away to resume from "
-                         f"the one before") from None
-
-
 def open_log(path, step):
     """The JSONL log for appending from `step` on: lines of steps after it (written before a
     crash, and about to be run again) are dropped first, so each step has one line. A line
@@ -436,19 +427,16 @@ def finite_or_null(record):
 def init_checkpoint(path):
     """--init: a train.py checkpoint as it is (whatever its file name ends in), or bare
     weights (a released .pt, an exported .safetensors) as a start that has weights only."""
-    from sample import infer_config, read_checkpoint
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init {path}: no such file")
     if path.endswith(".safetensors"):
         state, config, _ = read_checkpoint(path)
-        return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state))}
-    ckpt = load_checkpoint(path)  # read once: a released one is 4.7 GB
-    if isinstance(ckpt, dict) and "optimizer" in ckpt:
-        return ckpt
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError(f"--init {path}: neither a train.py checkpoint nor a state_dict of "
-                         f"MicroDiT weights")
-    return {"model": ckpt, "model_config": dataclasses.asdict(infer_config(ckpt))}
+    else:
+        ckpt = load_checkpoint(path)  # read once: a released one is 4.7 GB
+        if isinstance(ckpt, dict) and "optimizer" in ckpt:
+            return ckpt
+        state, config, _ = weights_of(ckpt, f"--init {path}")
+    return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state))}
 
 
 def previous_phase_checkpoint(cfg):
@@ -632,7 +620,6 @@ def bucket_names():
 def grid_encoders(cfg, info, model_cfg):
     """The text encoder and VAE for sample grids, loaded once on the CPU at the start, so
     that one the run cannot have stops it before its first step, not at its first grid."""
-    from sample import load_encoders
     vae_name, clip_name = cfg["vae"] or info.get("vae"), cfg["clip"] or info.get("clip")
     if not (vae_name and clip_name):
         sys.exit(f"sample grids need the VAE and text encoder the data was made with, and "
@@ -646,13 +633,13 @@ def grid_encoders(cfg, info, model_cfg):
 
 
 @torch.no_grad()
-def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device):
-    """A grid of samples for fixed prompts, for watching training progress."""
-    from sample import build_dit, generate, grid_image, to_pil
+def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device, dtype):
+    """A grid of samples for fixed prompts, for watching training progress, in the run's
+    precision (--dtype)."""
     text_encoder, vae = (m if m is None else m.to(device) for m in encoders)
     net = build_dit(net_state, dataclasses.asdict(model_cfg), device=device)
     images = generate(net, text_encoder, vae, prompts, seed=0, steps=20, cfg=3.0,
-                      batch_size=16, device=device)
+                      batch_size=16, device=device, dtype=dtype)
     grid_image([to_pil(im) for im in images], min(8, len(prompts))).save(path)
     for m in encoders:  # back to the CPU: the training step wants the GPU's memory
         if m is not None:
@@ -704,10 +691,7 @@ def main(argv=None):
                       f"of at least 512px only, without DiffusionDB (`data.py prepare "
                       f"--min-size 512`; README, Training)")
 
-    autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
-                      "float32": None, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-                else nullcontext())
+    autocast, _ = precision(device, cfg["dtype"])
     use_compile = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
     accum = batch_arithmetic(cfg["batch_size"], cfg["micro_batch"], world)
 
@@ -817,7 +801,6 @@ def main(argv=None):
     # --- the loop
     end = phase_start + cfg["steps"]
     log_file = open_log(os.path.join(folder, "log.jsonl"), step) if master else None
-    from tqdm import tqdm
     bar = tqdm(total=cfg["steps"], initial=step - phase_start, disable=not master, unit="step",
                dynamic_ncols=True)
     bad_in_a_row, skipped = 0, 0
@@ -835,7 +818,7 @@ def main(argv=None):
             group["lr"] = lr
 
         buckets = torch.zeros(2, len(SIGMA_BUCKETS) + 1, device=device)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, aux_sum = torch.zeros(2, device=device)
         for micro in range(accum):
             batch = next(loader)
             x = batch["latents"].to(device, non_blocking=True)
@@ -855,16 +838,18 @@ def main(argv=None):
                     normal=normal, noise=noise, ids_keep=ids_keep)
                 loss = per_sample.mean()
                 if model_cfg.moe_routing == "token_choice":
-                    loss = loss + cfg["aux_loss_weight"] * raw.aux_loss()
+                    aux = raw.aux_loss()
+                    loss = loss + cfg["aux_loss_weight"] * aux
+                    aux_sum += aux.detach()
             (loss / accum).backward()
             loss_sum += per_sample.detach().mean()
             buckets += bucket_losses(per_sample, sigma, bucket_edges)
 
         grad_norm = clip_in_optimizer(optimizer, cfg["grad_clip"])
-        stats = torch.cat([loss_sum.reshape(1) / accum, buckets.flatten()])
+        stats = torch.cat([torch.stack([loss_sum, aux_sum]) / accum, buckets.flatten()])
         if world > 1:
             dist.all_reduce(stats)
-            stats[0] /= world
+            stats[:2] /= world
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -882,11 +867,11 @@ def main(argv=None):
         sample_now = cfg["sample_every"] > 0 and (step % cfg["sample_every"] == 0
                                                   or step == end)
         if len(pending) < cfg["log_every"] and not (save_now or sample_now):
-            continue
+            continue  # nothing to read, write or draw this step
         rows = torch.stack([values for *_, values in pending]).tolist()
         dt = (time.perf_counter() - t_read) / len(pending)  # the mean over the steps read
         stop_at = None
-        for (at, lr_at, _), (norm_at, loss_at, *by_sigma) in zip(pending, rows):
+        for (at, lr_at, _), (norm_at, loss_at, aux_at, *by_sigma) in zip(pending, rows):
             if math.isfinite(norm_at):
                 bad_in_a_row = 0
             else:  # the update was skipped; the run stops below after too many in a row
@@ -900,7 +885,11 @@ def main(argv=None):
                       "ms_per_step": 1000 * dt, "images_per_s": images_per_s,
                       "mfu": flops_per_image * images_per_s / (peak * world) if peak else None,
                       "skipped": skipped,
-                      **{name: s / c for name, s, c in zip(bucket_names(), sums, counts) if c}}
+                      # null for a bucket no sample of the step fell in: every line, one schema
+                      **{name: s / c if c else None
+                         for name, s, c in zip(bucket_names(), sums, counts)}}
+            if model_cfg.moe_routing == "token_choice":  # optimised with the loss, not in it
+                record["aux_loss"] = aux_at
             if master:
                 log_file.write(json.dumps(finite_or_null(record)) + "\n")
         if master:
@@ -939,7 +928,8 @@ def main(argv=None):
                     "clip": info.get("clip")}, cfg["keep"])
         if master and sample_now:
             path = os.path.join(folder, f"samples_{step:09d}.png")
-            save_sample_grid(ema_state or model_state, model_cfg, encoders, prompts, path, device)
+            save_sample_grid(ema_state or model_state, model_cfg, encoders, prompts, path, device,
+                             cfg["dtype"])
             tqdm.write(f"step {step}: samples in {path}")
         t_read = time.perf_counter()  # checkpoints and grids are not training time
     writer.close()

@@ -223,11 +223,21 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator=None):
-        # draw on the generator's device so a seeded CPU generator gives the same z on any device
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device,
-                            dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        """z = mean + std * noise, in float32 whatever the encoder's dtype (noise drawn in
+        bfloat16 keeps 8 significant bits). generator: None, one torch.Generator for the
+        batch, or a list of one per row, so that a row's noise depends on its own generator
+        alone and not on the batch it came in (data.py seeds one per sample)."""
+        def noise(shape, g):  # on g's device: a seeded CPU generator gives the same z anywhere
+            return torch.randn(shape, generator=g, device=self.mean.device if g is None
+                               else g.device)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != len(self.mean):
+                raise ValueError(f"{len(generator)} generators for a batch of {len(self.mean)}: "
+                                 f"pass one per row, or a single one")
+            eps = torch.cat([noise((1, *self.mean.shape[1:]), g) for g in generator])
+        else:
+            eps = noise(self.mean.shape, generator)                     # (N, C, h, w)
+        return self.mean.float() + self.std.float() * eps.to(self.mean.device)
 
 
 def _chunked(fn, x, chunk_size):
@@ -283,7 +293,8 @@ class AutoencoderKL(nn.Module):
         return latents / self.scaling_factor + self.shift_factor
 
     def encode_to_scaled(self, images, generator=None, chunk_size=8):
-        """The latents the diffusion model is trained on: a posterior sample, scaled."""
+        """The latents the diffusion model is trained on: a posterior sample, scaled, in
+        float32. generator: one, or a list of one per image (see DiagonalGaussian.sample)."""
         return self.to_scaled(self.encode(images, chunk_size).sample(generator))
 
     def decode_from_scaled(self, latents, chunk_size=8):
