@@ -1768,6 +1768,21 @@ def test_phase_chaining(train_data, tmp_path, capsys):
         train.main(train_args(train_data, tmp_path / "empty", "--phase", "2"))
 
 
+def test_starting_weights_that_do_not_fit_are_refused(train_data, tmp_path):
+    """Loading is not strict (pos_embed is rebuilt per resolution), but any other missing or
+    unexpected tensor would leave part of the network at its random initialisation."""
+    common = ["--steps", "2", "--ckpt-every", "2"]
+    train.main(train_args(train_data, tmp_path / "run", *common))
+    ckpt = final_checkpoint(tmp_path / "run")
+    dropped = next(k for k in ckpt["model"] if k != "pos_embed")
+    ckpt["model"]["extra.weight"] = ckpt["model"].pop(dropped)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(SystemExit, match=rf"do not fit the model: missing \['{re.escape(dropped)}'\], "
+                                         r"unexpected \['extra.weight'\]"):
+        train.cli(train_args(train_data, tmp_path / "p2", *common, "--phase", "2",
+                             "--init", tmp_path / "edited.pt"))
+
+
 def test_init_follows_the_phase_and_takes_bare_weights(train_data, tmp_path):
     out = tmp_path / "run"
     common = ["--steps", "2", "--ckpt-every", "2"]

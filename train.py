@@ -661,16 +661,17 @@ def main(argv=None):
     # --- where this phase starts from: its own latest checkpoint (a resume), --init, or the
     # previous phase's end
     folder = phase_dir(cfg["out"], cfg["phase"])
-    resume = checkpoints(folder)
+    existing = checkpoints(folder)
+    resume = bool(existing)
     if args.resume and not resume:
         sys.exit(f"--resume: {folder} has no checkpoint to resume from (is --out right?)")
     start = None
     if resume:
-        start = load_checkpoint(resume[-1])
+        start = load_checkpoint(existing[-1])
         cfg = resumed_config(cfg, given, start["config"], note=master)
         if cfg["init"] and master:
             print(f"--init {cfg['init']} left unused: phase {cfg['phase']} resumes from its "
-                  f"own latest checkpoint, {resume[-1]}")
+                  f"own latest checkpoint, {existing[-1]}")
     elif cfg["init"]:
         start = init_checkpoint(cfg["init"])
     elif PHASES[cfg["phase"]]["init"] != "scratch":
@@ -742,8 +743,12 @@ def main(argv=None):
     raw.activation_checkpointing = cfg["activation_checkpointing"]
     if start is not None:
         # pos_embed is a function of the resolution: the 512px phase rebuilds its own
-        raw.load_state_dict({k: v for k, v in start["model"].items() if k != "pos_embed"},
-                            strict=False)
+        missing, unexpected = raw.load_state_dict(
+            {k: v for k, v in start["model"].items() if k != "pos_embed"}, strict=False)
+        if missing != ["pos_embed"] or unexpected:  # anything else would train from noise
+            raise ValueError(f"the starting weights do not fit the model: missing "
+                             f"{[k for k in missing if k != 'pos_embed'][:4]}, unexpected "
+                             f"{unexpected[:4]}")
     fsdp = cfg["fsdp"] and world > 1
     if cfg["fsdp"] and not fsdp and master:
         print("--fsdp: one process has nothing to shard over; training unsharded")
