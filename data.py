@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 from tqdm import tqdm
 
 from text import DEFAULT_CLIP, TINY_RANDOM, load_text_encoder
@@ -1439,6 +1440,7 @@ def bench(data, res, batch_size, batches, fake_samples, caption_dim, prefetch, c
             "batches": batches, "samples_per_s": timed[0], "ms_per_batch": timed[1]}
 
 
+@record  # under torchrun: an unexpected exception goes to the error file with its traceback
 def main(argv=None):
     defaults = PrepareConfig(src="", out="")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -1503,8 +1505,16 @@ def main(argv=None):
     try:
         return run_command(parser, args)
     except (FileNotFoundError, ValueError) as e:  # bad paths, settings or inputs: say so
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return command_error(e)
+
+
+def command_error(e):
+    """A command's handled error: said on stderr and, under torchrun, written to this rank's
+    error file, where torchrun's summary of a failed job looks for the cause. Returns the
+    exit status."""
+    get_error_handler().record_exception(e)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 def run_command(parser, args):

@@ -73,9 +73,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from data import COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, ShapeAttributes
-from data import atomic_write, caption_of, process_env, read_coco_captions, render_shapes
+from data import atomic_write, caption_of, command_error, process_env, read_coco_captions
+from data import render_shapes
 from data import resize_center_crop, sample_attributes, to_rgb, write_json
 from inception import INCEPTION_URL, RANDOM, he_init, load_inception, sha256_of
 from sample import check_device, load_pipeline
@@ -655,13 +657,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@record  # under torchrun: an unexpected exception goes to the error file with its traceback
 def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return command_error(e)
 
 
 def run(args):

@@ -1887,6 +1887,33 @@ def test_checkpoint_writer_hands_a_failed_background_write_to_the_training(tmp_p
     writer.close()  # raised once
 
 
+def test_torchrun_error_file_names_the_cause(train_data, tmp_path, monkeypatch):
+    """torchrun's summary of a failed job reads each rank's error file: the message (or, for
+    an unexpected exception, the traceback) must be there, not `error_file: <N/A>`."""
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    with pytest.raises(SystemExit, match="--init .*nope.pt: no such file"):
+        train.cli(train_args(train_data, tmp_path, "--init", tmp_path / "nope.pt"))
+    message = json.loads(error_file.read_text())["message"]["message"]
+    assert message.startswith("FileNotFoundError: --init") and "nope.pt: no such file" in message
+    error_file.unlink()
+    # data.py and eval.py, the other commands run under torchrun, say theirs the same way
+    assert data.main(["prepare", "--src", str(tmp_path / "missing"), "--out",
+                      str(tmp_path / "out"), "--vae", "none"]) == 2
+    assert "missing" in json.loads(error_file.read_text())["message"]["message"]
+    error_file.unlink()
+
+    def broken(argv=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train, "main", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train.cli([])
+    recorded = json.loads(error_file.read_text())["message"]
+    assert recorded["message"] == "RuntimeError: a bug"
+    assert "in broken" in recorded["extraInfo"]["py_callstack"]
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_a_message(train_data, tmp_path,
                                                                           monkeypatch):
     def full_disk(folder, state, keep):

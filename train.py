@@ -33,6 +33,7 @@ import numpy
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -578,10 +579,10 @@ def clip_in_optimizer(optimizer, max_norm):
     fused AdamW divides each gradient by `optimizer.grad_scale` as it reads it (GradScaler's
     unscaling). Clipping cost a read and a write of every gradient (2.6 ms of the 210 ms
     MicroDiT_XL_2 step on an H200); the fused kernel then writes the divided gradient back,
-    so what is saved is the read (4 of 36 bytes per parameter). A non-finite norm (the same on every rank: gradients
-    are all-reduced) sets `found_inf`, on which the fused AdamW skips the update on the
-    device, so the host need not look at the norm first; the skip is counted when the
-    statistics are read. Returns the norm before clipping."""
+    so what is saved is the read (4 of 36 bytes per parameter). A non-finite norm (the same
+    on every rank: gradients are all-reduced) sets `found_inf`, on which the fused AdamW
+    skips the update on the device, so the host need not look at the norm first; the skip
+    is counted when the statistics are read. Returns the norm before clipping."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]
              if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads)
@@ -957,14 +958,19 @@ command and run it again to resume from the latest. To use less memory per GPU:
   --fsdp                     shard weights, gradients and optimizer state over the GPUs"""
 
 
+@record  # under torchrun: any other exception goes to the error file, traceback included
 def cli(argv=None):
     """main(), with a missing file, a bad flag or input, a checkpoint that cannot be written
-    or running out of GPU memory said in a message instead of a stack trace."""
+    or running out of GPU memory said in a message instead of a stack trace. Under torchrun
+    the message also goes to the rank's error file, so that torchrun's summary of a failed
+    job names the cause instead of `error_file: <N/A>`."""
     try:
         main(argv)
     except (FileNotFoundError, ValueError, CheckpointWriteError) as e:  # in the message
+        get_error_handler().record_exception(e)
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError as e:
+        get_error_handler().record_exception(e)
         sys.exit(f"{str(e).splitlines()[0]}\n\n{OUT_OF_MEMORY_ADVICE}")
 
 
