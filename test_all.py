@@ -28,9 +28,9 @@ import data
 import model as model_lib
 from data import LatentLoader, PrepareConfig, prepare
 from diffusion import denoise, edm_loss, guided, heun_sample, sigma_steps
-from mixer import keep_tokens, random_ids_keep, removed_mask, restore_tokens
+from mixer import keep_tokens, num_kept, random_ids_keep, removed_mask, restore_tokens
 from model import PRESETS, DiTConfig, MicroDiT, count_params, forward_flops
-from moe import ExpertChoiceMoE, TokenChoiceMoE
+from moe import ExpertChoiceMoE, TokenChoiceMoE, num_tokens_per_expert
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig, load_vae
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -116,6 +116,32 @@ def test_wrong_input_size_is_a_clear_error(golden):
         net(torch.zeros(1, 4, 16, 16), g["in.t"][:1], g["in.y"][:1])
 
 
+def test_initialisation_follows_the_spec():
+    """adaLN-Zero: every gated branch starts at 0, so a fresh block adds only its (ungated)
+    cross-attention, and the caption refinement is the identity; the stds are SPEC's
+    (xavier, 0.02 for the embedders, 0.02 / sqrt(2 (i + 1)) for backbone block i's outputs,
+    0.02 / sqrt(2 depth) for the mixer's), within the sampling error of a draw."""
+    torch.manual_seed(0)
+    cfg = PRESETS["MicroDiT_CPU_2"]
+    net = MicroDiT(cfg)
+    D = cfg.dim
+    x, y, c = torch.randn(2, 64, D), torch.randn(2, 77, D), torch.randn(2, D)
+    with torch.no_grad():
+        for block in [*net.blocks, *net.patch_mixer]:
+            assert torch.equal(block(x, y, c), x + block.cross_attn(block.norm2(x), y))
+        assert torch.equal(net.y_emb_preprocess(y), y)
+        assert torch.count_nonzero(net.final_layer.adaLN_modulation[-1].weight) == 0
+    std = lambda w: w.float().std().item()  # noqa: E731
+    for i, block in enumerate(net.blocks):
+        assert std(block.attn.proj.weight) == pytest.approx(0.02 / math.sqrt(2 * (i + 1)),
+                                                            rel=0.05)
+    assert std(net.patch_mixer[0].attn.proj.weight) == pytest.approx(
+        0.02 / math.sqrt(2 * cfg.depth), rel=0.05)
+    assert std(net.t_embedder.mlp[0].weight) == pytest.approx(0.02, rel=0.05)
+    w = net.x_embedder.proj.weight                                     # (D, C, p, p)
+    assert std(w) == pytest.approx(math.sqrt(2 / (w[0].numel() + w.shape[0])), rel=0.05)
+
+
 def test_fresh_model_outputs_zero_and_trains():
     """The zero-inits make a new model output exactly 0; one SGD step must move it."""
     torch.manual_seed(0)
@@ -157,6 +183,10 @@ def test_masking_helpers():
     assert mask.sum() == 3 * 12
     assert torch.equal(full[mask == 0], x[mask == 0])
     assert (full[mask == 1] == 7.0).all()
+    # every image of a batch drops its own patches; the kept count rounds down
+    ids = random_ids_keep(32, 64, 0.75, "cpu", generator=torch.Generator().manual_seed(0))
+    assert len({tuple(sorted(row.tolist())) for row in ids}) == 32
+    assert num_kept(100, 0.7) == 30 and num_kept(10, 0.75) == 2
 
 
 def patch_sensitivity(cfg):
@@ -206,6 +236,7 @@ def test_expert_choice_equals_slow_loop():
     moe = random_moe(ExpertChoiceMoE, 16, 24, 4, 2.0)
     x = torch.randn(3, 10, 16)
     k = int(2.0 * 10 / 4)
+    assert num_tokens_per_expert(2.0, 10, 4) == k == 5 and num_tokens_per_expert(2.0, 10, 8) == 2
     expected = torch.zeros_like(x)
     for n in range(3):
         probs = torch.softmax(x[n] @ moe.gate.weight.t(), dim=-1)         # (T, E)
@@ -925,6 +956,7 @@ def test_resize_center_crop_matches_direct_pil():
         ((300, 200, 64), (96, 64), (16, 0, 80, 64)),
         ((200, 301, 64), (64, 96), (0, 16, 64, 80)),   # int(64 * 301 / 200) = 96
         ((64, 99, 32), (32, 49), (0, 8, 32, 40)),      # round(17 / 2) = 8 (round half to even)
+        ((310, 200, 64), (99, 64), (18, 0, 82, 64)),   # round(35 / 2) = 18 (half to even)
         ((10, 7, 16), (22, 16), (3, 0, 19, 16)),       # upscaled: int(16 * 10 / 7) = 22
         ((50, 50, 50), (50, 50), (0, 0, 50, 50)),
     ]
@@ -1302,6 +1334,10 @@ def test_vae_latents_equal_encode_to_scaled_and_caption_features_equal_the_encod
     # the noise really is a sample: another seed gives other latents
     other = vae.encode_to_scaled(x, generator=data.posterior_generator(6, "2.png", 16))
     assert not np.allclose(latents[2].astype(np.float32), other[0].numpy(), atol=1e-2)
+    # and each image (and resolution) has noise of its own, not one draw for all
+    draw = lambda *key: torch.randn(8, generator=data.posterior_generator(*key))  # noqa: E731
+    assert not torch.equal(draw(5, "0.png", 16), draw(5, "1.png", 16))
+    assert not torch.equal(draw(5, "0.png", 16), draw(5, "0.png", 32))
     features = load_text_encoder("tiny-random").encode([f"image number {i}" for i in range(3)])
     np.testing.assert_allclose(shard_arrays(out, data.CAPTION_COLUMN).astype(np.float32),
                                features.numpy(), rtol=2e-3, atol=2e-3)
@@ -1686,6 +1722,17 @@ def test_learning_rate_schedules():
     cfg3 = dict(train.PHASES[3])
     assert train.learning_rate(cfg3, 250) == pytest.approx(8e-5 * 251 / 500)
     assert train.learning_rate(cfg3, 40_000) == 8e-5
+    # constant means constant, whatever min_lr_ratio says (phase 1's is 0.33)
+    assert train.learning_rate({**cfg, "schedule": "constant"}, 200_000) == cfg["lr"]
+
+
+def test_bucket_losses_sum_and_count_by_noise_level():
+    per_sample = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    sigma = torch.tensor([0.05, 0.3, 0.4, 10.0])
+    edges = torch.tensor(train.SIGMA_BUCKETS)
+    assert train.SIGMA_BUCKETS == [0.1, 0.5, 1.0, 2.0, 5.0]
+    assert train.bucket_losses(per_sample, sigma, edges).tolist() == [[1, 6, 0, 0, 0, 8],
+                                                                      [1, 2, 0, 0, 0, 1]]
 
 
 def test_resume_after_interruption_is_exact(train_data, tmp_path, monkeypatch):
@@ -1826,6 +1873,25 @@ def test_ema_update_and_start():
     assert torch.equal(ema.state["bias"], start["bias"])
 
 
+def test_ema_starts_at_its_phase_step_and_resumes(train_data, tmp_path):
+    # at ema_start the EMA is a copy of the weights
+    train.main(train_args(train_data, tmp_path / "a", "--ema-decay", "0.5", "--ema-start", "3"))
+    at3 = train.load_checkpoint(train.checkpoints(str(tmp_path / "a" / "phase1"))[0])
+    assert at3["step"] == 3 and all(torch.equal(at3["ema"][k], at3["model"][k].float())
+                                    for k in at3["model"])
+    # a resumed run carries its EMA on: the same as running straight through
+    args = ["--ema-decay", "0.5", "--ema-start", "1", "--ckpt-every", "2"]
+    train.main(train_args(train_data, tmp_path / "b", "--steps", "4", *args))
+    train.main(train_args(train_data, tmp_path / "c", "--steps", "2", *args))
+    train.main(train_args(train_data, tmp_path / "c", "--steps", "4", *args))
+    b, c = final_checkpoint(tmp_path / "b"), final_checkpoint(tmp_path / "c")
+    assert all(torch.equal(b["ema"][k], c["ema"][k]) for k in b["ema"])
+    # ema_start counts the phase's steps, not the run's (phase 4's starts 1K into phase 4)
+    train.main(train_args(train_data, tmp_path / "b", "--phase", "2", "--steps", "2",
+                          "--ckpt-every", "2", "--ema-decay", "0.5", "--ema-start", "3"))
+    assert final_checkpoint(tmp_path / "b", 2)["ema"] is None   # phase step 2, run step 6
+
+
 def test_ema_runs_in_training(train_data, tmp_path):
     train.main(train_args(train_data, tmp_path, "--ema-decay", "0.5", "--ema-start", "4"))
     ckpts = [train.load_checkpoint(p) for p in train.checkpoints(str(tmp_path / "phase1"))]
@@ -1962,6 +2028,76 @@ def test_clipping_inside_the_fused_optimizer_equals_clip_grad_norm(max_norm):
             opt.zero_grad(set_to_none=True)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_a_non_finite_gradient_leaves_the_weights_alone():
+    """The fused AdamW skips the step on the device when the norm is not finite: the weights
+    must not take a NaN (the log says 'skipped')."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
+    net(torch.randn(5, 4)).sum().backward()
+    net.weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in net.parameters()]
+    assert not math.isfinite(train.clip_in_optimizer(opt, 0.25).item())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_resuming_phase_2_continues_its_own_count(train_data, tmp_path):
+    """Phases 2 and 4 carry the run's step on: a resumed phase 2 must end at its own
+    --steps, counted from where the phase began, not from 0."""
+    common = ["--ckpt-every", "2"]
+    train.main(train_args(train_data, tmp_path, "--steps", "2", *common))
+    train.main(train_args(train_data, tmp_path, "--phase", "2", "--steps", "2", *common))
+    train.main(train_args(train_data, tmp_path, "--phase", "2", "--steps", "4", *common))
+    ckpt = final_checkpoint(tmp_path, 2)
+    assert (ckpt["phase_start"], ckpt["step"], ckpt["phase_step"]) == (2, 6, 4)
+    assert [r["step"] for r in logged(tmp_path, 2)] == [3, 4, 5, 6]
+
+
+def test_every_micro_batch_and_step_draws_its_own_noise(train_data, tmp_path, monkeypatch):
+    seen, real = [], train.edm_loss_per_sample
+
+    def spy(*a, **kw):
+        seen.append((kw["normal"].clone(), kw["ids_keep"].clone()))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "edm_loss_per_sample", spy)
+    train.main(train_args(train_data, tmp_path, "--micro-batch", "4", "--steps", "2",
+                          "--mask-ratio", "0.75"))
+    assert len(seen) == 4                                       # 2 steps x 2 micro-batches
+    assert len({tuple(normal.tolist()) for normal, _ in seen}) == 4
+    assert len({tuple(ids.flatten().tolist()) for _, ids in seen}) == 4
+
+
+def test_the_training_loader_drops_captions_for_guidance(train_data, tmp_path, monkeypatch):
+    """train.py relies on the loader's default: 10% of captions zeroed (the null caption the
+    sampler's guidance uses)."""
+    made, real = [], train.LatentLoader
+
+    def spy(*a, **kw):
+        made.append((a, kw))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "LatentLoader", spy)
+    train.main(train_args(train_data, tmp_path, "--steps", "1", "--sample-every", "0"))
+    (args, kwargs), = made
+    loader = real(*args, **kwargs)
+    rows = torch.cat([next(loader)["captions"] for _ in range(250)])  # (2000, 77, D)
+    dropped = (rows.flatten(1) == 0).all(dim=1).float().mean().item()
+    loader.close()
+    assert 0.08 < dropped < 0.12, dropped                       # 3 sigma: 0.0866 to 0.1134
+
+
+def test_the_aux_loss_weight_reaches_the_router(train_data, tmp_path):
+    token_choice = ["--model", '{"moe_routing": "token_choice"}', "--steps", "1"]
+    for weight in ("0", "100"):
+        train.main(train_args(train_data, tmp_path / weight, *token_choice,
+                              "--aux-loss-weight", weight))
+    a, b = final_checkpoint(tmp_path / "0"), final_checkpoint(tmp_path / "100")
+    gates = [k for k in a["model"] if k.endswith("mlp.gate.weight")]
+    assert gates and not all(torch.equal(a["model"][k], b["model"][k]) for k in gates)
 
 
 def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatch):
@@ -2325,8 +2461,9 @@ def test_torchrun_two_processes_equal_one(train_data, tmp_path, mode):
     one, two = final_checkpoint(tmp_path / "one"), final_checkpoint(tmp_path / "two")
     assert_same_weights(one, two)
     assert_same_weights({"model": one["ema"]}, {"model": two["ema"]})  # sharded EMA under FSDP
-    assert [r["loss"] for r in logged(tmp_path / "one")] == pytest.approx(
-        [r["loss"] for r in logged(tmp_path / "two")], rel=1e-5)
+    for key in ("loss", "grad_norm"):  # the gradient of the global batch's mean loss
+        assert [r[key] for r in logged(tmp_path / "one")] == pytest.approx(
+            [r[key] for r in logged(tmp_path / "two")], rel=1e-5), key
     assert one["optimizer"]["state"].keys() == two["optimizer"]["state"].keys()
     if mode == "fsdp":  # lose the last checkpoint, resume the sharded run from step 2
         os.remove(train.checkpoints(str(tmp_path / "two" / "phase1"))[-1])
@@ -2742,6 +2879,8 @@ def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, m
     chosen = ev.choose_captions(captions_json, 4, seed=5)
     net, _ = load_dit(str(pixel_checkpoint))
     encoder = load_text_encoder("tiny-random")
+    # every batch has noise of its own: a seed per (--seed, batch index)
+    assert len({ev.batch_seed(5, k) for k in range(4)} | {ev.batch_seed(6, 0)}) == 5
     for k, indices in enumerate([range(0, 3), range(3, 4)]):
         images = generate(net, encoder, None, [chosen[i]["caption"] for i in indices],
                           seed=ev.batch_seed(5, k), steps=2, cfg=2.0, batch_size=3, device="cpu")
