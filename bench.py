@@ -264,7 +264,6 @@ def bench_attention(args, cfg, device, dtype):
     the model, under each backend PyTorch has (a backend that refuses a shape is skipped)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = ["MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
-    dtype = dtype or torch.float32
     rows = []
     for name, calls, N, H, tq, tk in attention_shapes(cfg, args.batch_size, max(args.masks)):
         q = torch.randn(N, H, tq, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)

@@ -25,7 +25,6 @@ done.
 import argparse
 import atexit
 import collections
-import errno
 import functools
 import glob
 import hashlib
@@ -296,9 +295,9 @@ def read_coco_captions(json_path, flag):
             coco = json.load(f)
         captions = collections.defaultdict(list)
         for a in sorted(coco["annotations"], key=lambda a: a["id"]):
-            if not isinstance(a["caption"], str):
-                raise TypeError(f"annotation {a['id']} has caption {a['caption']!r}")
-            captions[a["image_id"]].append((a["id"], a["caption"]))
+            caption = a["caption"]  # a null or non-text caption: a missing one (skipped)
+            captions[a["image_id"]].append((a["id"], caption if isinstance(caption, str)
+                                            else None))
         files = {im["id"]: im["file_name"] for im in coco["images"] if im["id"] in captions}
     except ValueError as e:
         raise ValueError(f"{flag} {json_path}: not valid JSON ({e}); is the download "
@@ -558,16 +557,17 @@ def atomic_write(path, write):
 
 def sync_folder(folder):
     """fsync a folder, which makes the renames in it survive a power cut (the file's own
-    fsync does not cover its name). POSIX only; file systems that cannot (some network
-    ones answer EINVAL) are left to their own guarantees."""
-    if os.name != "posix":
+    fsync does not cover its name). Best effort: the file itself is already whole and in
+    place, so a folder that cannot be opened or synced (Windows, some network file systems)
+    is left to the file system's own guarantees rather than failing the write."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
         return
-    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

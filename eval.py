@@ -329,6 +329,9 @@ def choose_captions(captions_json, n, seed=0):
     drawn with the same generator. The draws cover every image, so a smaller n picks the
     first images of a larger one."""
     files, captions = read_coco_captions(captions_json, "--captions")
+    captions = {i: usable for i, cs in captions.items()
+                if (usable := [c for c in cs if c[1] and c[1].strip()])}  # no blank captions
+    files = {i: f for i, f in files.items() if i in captions}
     ids = sorted(files)
     if n > len(ids):
         raise ValueError(f"--n {n}: {captions_json} has only {len(ids)} captioned images")

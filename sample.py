@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import json
 import os
+import pickle
 import re
 import sys
 from contextlib import nullcontext
@@ -121,13 +122,17 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as e:  # readable, but pickles Python objects
+        detail = next((line for line in str(e).splitlines() if "Unsupported global" in line),
+                      str(e).splitlines()[0] if str(e) else "")
+        raise ValueError(f"{path}: holds Python objects, not only tensors, and is loaded with "
+                         f"weights_only=True, which refuses them ({detail.strip()}); save the "
+                         f"model's state_dict() instead of the model") from None
     except Exception as e:  # torch.load raises many kinds on a damaged file
         raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). It is damaged (a disk "
-                         f"error, a partial download or copy) or not a PyTorch checkpoint: "
-                         f"get it again. train.py writes checkpoints whole or not at all; if "
-                         f"this is a run's latest, move it away to resume from the one "
-                         f"before") from None
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged (a disk "
+                         f"error, a partial download or copy) or not a PyTorch "
+                         f"checkpoint") from None
 
 
 def weights_of(ckpt, path):

@@ -2,6 +2,7 @@
 the paper's released code produced (fixtures/), against slow obviously-correct loops, and
 against closed forms."""
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
@@ -790,8 +791,14 @@ def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor)
+    pickled = tmp_path / "module.pt"  # torch.save(model): Python objects, not a state_dict
+    torch.save(nn.Linear(2, 2), pickled)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"PK\x03\x04 not really a zip")
     for bad, says in [(cut, "cannot read it as safetensors"), (foreign, "not MicroDiT weights"),
-                      (tensor, "not MicroDiT weights")]:
+                      (tensor, "not MicroDiT weights"),
+                      (pickled, "holds Python objects, not only tensors"),
+                      (damaged, "damaged (a disk error, a partial download or copy)")]:
         assert run_sample("a cat", "--ckpt", bad, "--vae", vae, "--clip", "tiny-random") == 2
         assert says in capsys.readouterr().err
     a_file = tmp_path / "taken"
@@ -1299,10 +1306,11 @@ def test_coco_first_or_every_caption(tmp_path):
     assert [k for m in every for k in m["keys"]] == ["1-10", "1-12", "3-11", "3-13"]
     px = shard_arrays(tmp_path / "all", "images_16")
     np.testing.assert_array_equal(px[0], px[1])  # same image, two captions
+    # a null caption is a missing one: skipped and counted, never the end of the run
     coco["annotations"][0]["caption"] = None
     json_path.write_text(json.dumps(coco))
-    with pytest.raises(ValueError, match="not a COCO captions file.*annotation 10 has caption"):
-        run_prepare(json_path, tmp_path / "null")
+    summary = run_prepare(json_path, tmp_path / "null", coco_captions="all")
+    assert summary["samples_written"] == 3 and summary["skipped"] == {"missing_caption": 1}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1800,7 +1808,7 @@ def test_phase_chaining(train_data, tmp_path, capsys):
                       "--ema-start", "1", "--ema-decay", "0.5")
     args[args.index("--data"):args.index("--data") + 2] = []
     train.main(args)
-    assert "at 16px now: the paper trains its 512px phases on images of at least 512px" \
+    assert "at 16px now: the paper changes the data for its 512px phases" \
         in capsys.readouterr().out                              # the paper changes data here
     p3 = final_checkpoint(out, 3)
     assert p3["step"] == 2 and p3["phase_start"] == 0
@@ -1824,6 +1832,10 @@ def test_starting_weights_that_do_not_fit_are_refused(train_data, tmp_path):
     dropped = next(k for k in ckpt["model"] if k != "pos_embed")
     ckpt["model"]["extra.weight"] = ckpt["model"].pop(dropped)
     torch.save(ckpt, tmp_path / "edited.pt")
+    foreign = {"optimizer": {}, "weights": ckpt["model"]}  # another trainer's checkpoint
+    torch.save(foreign, tmp_path / "foreign.pt")
+    with pytest.raises(SystemExit, match="holds an optimizer but is no train.py checkpoint"):
+        train.cli(train_args(train_data, tmp_path / "f", "--init", tmp_path / "foreign.pt"))
     with pytest.raises(SystemExit, match=rf"do not fit the model: missing \['{re.escape(dropped)}'\], "
                                          r"unexpected \['extra.weight'\]"):
         train.cli(train_args(train_data, tmp_path / "p2", *common, "--phase", "2",
@@ -1921,6 +1933,20 @@ def test_atomic_write_syncs_the_file_then_its_folder_after_the_rename(tmp_path, 
     assert events[2][1] == os.path.realpath(tmp_path)
 
 
+def test_a_folder_that_cannot_be_synced_does_not_fail_the_write(tmp_path, monkeypatch):
+    """Some file systems refuse to fsync a folder; the file is whole and in place by then."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    train.save_checkpoint(str(tmp_path), {"step": 5}, keep=1)
+    assert train.load_checkpoint(train.checkpoints(str(tmp_path))[-1]) == {"step": 5}
+
+
 def test_checkpoint_writer_copies_the_state_before_the_training_goes_on(tmp_path, monkeypatch):
     """The write runs in a background thread while the training changes the weights in
     place: the file must hold the values of the moment of the save."""
@@ -1962,6 +1988,11 @@ def test_torchrun_error_file_names_the_cause(train_data, tmp_path, monkeypatch):
         train.cli(train_args(train_data, tmp_path, "--init", tmp_path / "nope.pt"))
     message = json.loads(error_file.read_text())["message"]["message"]
     assert message.startswith("FileNotFoundError: --init") and "nope.pt: no such file" in message
+    error_file.unlink()
+    # and main's own stops (a phase not finished, non-finite steps, ...)
+    with pytest.raises(SystemExit, match="--resume: .* has no checkpoint"):
+        train.cli(train_args(train_data, tmp_path / "empty", "--resume"))
+    assert "has no checkpoint" in json.loads(error_file.read_text())["message"]["message"]
     error_file.unlink()
     # data.py and eval.py, the other commands run under torchrun, say theirs the same way
     assert data.main(["prepare", "--src", str(tmp_path / "missing"), "--out",
@@ -2855,6 +2886,17 @@ def test_coco_captions_are_a_seeded_nested_choice(tmp_path):
     assert [c["image_id"] for c in other] != [c["image_id"] for c in chosen]
     with pytest.raises(ValueError, match="only 6 captioned images"):
         ev.choose_captions(captions_json, 7)
+    # null and blank captions are no captions: never drawn; an image with only those has none
+    coco = json.loads(Path(captions_json).read_text())
+    first = min(coco["annotations"], key=lambda a: a["id"])
+    for a in coco["annotations"]:
+        if a["image_id"] == first["image_id"]:
+            a["caption"] = None if a is first else "  "
+    Path(captions_json).write_text(json.dumps(coco))
+    remaining = ev.choose_captions(captions_json, 5, seed=0)
+    assert first["image_id"] not in {c["image_id"] for c in remaining}
+    with pytest.raises(ValueError, match="only 5 captioned images"):
+        ev.choose_captions(captions_json, 6)
 
 
 def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, monkeypatch,

@@ -435,6 +435,10 @@ def init_checkpoint(path):
     else:
         ckpt = load_checkpoint(path)  # read once: a released one is 4.7 GB
         if isinstance(ckpt, dict) and "optimizer" in ckpt:
+            if not {"model", "model_config", "step"} <= set(ckpt):
+                raise ValueError(f"--init {path}: holds an optimizer but is no train.py "
+                                 f"checkpoint (no model, model_config or step); give its "
+                                 f"bare weights (a state_dict) instead")
             return ckpt
         state, config, _ = weights_of(ckpt, f"--init {path}")
     return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state))}
@@ -579,7 +583,7 @@ def clip_in_optimizer(optimizer, max_norm):
     fused AdamW divides each gradient by `optimizer.grad_scale` as it reads it (GradScaler's
     unscaling). Clipping cost a read and a write of every gradient (2.6 ms of the 210 ms
     MicroDiT_XL_2 step on an H200); the fused kernel then writes the divided gradient back,
-    so what is saved is the read (4 of 36 bytes per parameter). A non-finite norm (the same
+    so what is saved is one read (4 of 40 bytes per parameter, the norm's read included). A non-finite norm (the same
     on every rank: gradients are all-reduced) sets `found_inf`, on which the fused AdamW
     skips the update on the device, so the host need not look at the norm first; the skip
     is counted when the statistics are read. Returns the norm before clipping."""
@@ -668,7 +672,12 @@ def main(argv=None):
         sys.exit(f"--resume: {folder} has no checkpoint to resume from (is --out right?)")
     start = None
     if resume:
-        start = load_checkpoint(existing[-1])
+        try:
+            start = load_checkpoint(existing[-1])
+        except ValueError as e:  # a checkpoint of this run, damaged after it was written
+            raise ValueError(f"{e}. Checkpoints are written whole or not at all, so it was "
+                             f"damaged after: move it away to resume from the one "
+                             f"before") from None
         cfg = resumed_config(cfg, given, start["config"], note=master)
         if cfg["init"] and master:
             print(f"--init {cfg['init']} left unused: phase {cfg['phase']} resumes from its "
@@ -689,9 +698,9 @@ def main(argv=None):
         if master:
             print(f"--data: {cfg['data']}, the data the starting checkpoint trained on")
             if start["config"].get("res") != cfg["res"]:
-                print(f"  at {cfg['res']}px now: the paper trains its 512px phases on images "
-                      f"of at least 512px only, without DiffusionDB (`data.py prepare "
-                      f"--min-size 512`; README, Training)")
+                print(f"  at {cfg['res']}px now: the paper changes the data for its 512px "
+                      f"phases (no DiffusionDB, CC12M images of at least 512px only: "
+                      f"`data.py prepare --min-size 512` on CC12M; README, Training)")
 
     autocast, _ = precision(device, cfg["dtype"])
     use_compile = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
@@ -966,6 +975,10 @@ def cli(argv=None):
     job names the cause instead of `error_file: <N/A>`."""
     try:
         main(argv)
+    except SystemExit as e:  # main's own stops (non-finite steps, a phase not finished, ...)
+        if isinstance(e.code, str):
+            get_error_handler().record_exception(e)
+        raise
     except (FileNotFoundError, ValueError, CheckpointWriteError) as e:  # in the message
         get_error_handler().record_exception(e)
         sys.exit(f"error: {e}")
