@@ -1477,7 +1477,7 @@ def main(argv=None):
     p.add_argument("--min-size", type=int, default=defaults.min_size,
                    help="skip images whose short side is below this many pixels (counted as "
                    "skipped.too_small) instead of upscaling them; the paper's 512px phases "
-                   "train on images of at least 512px")
+                   "keep only the CC12M images of at least 512px")
     encoder_flags(p, vae=None, clip=defaults.clip, res=defaults.res)
 
     d = commands.add_parser("demo", help="render the built-in shapes set and prepare it")

@@ -77,8 +77,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from data import COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, ShapeAttributes
 from data import atomic_write, caption_of, command_error, process_env, read_coco_captions
-from data import render_shapes
-from data import resize_center_crop, sample_attributes, to_rgb, write_json
+from data import render_shapes, resize_center_crop, sample_attributes, to_rgb, write_json
 from inception import INCEPTION_URL, RANDOM, he_init, load_inception, sha256_of
 from sample import check_device, load_pipeline
 from text import TINY_RANDOM

@@ -200,7 +200,7 @@ def build_dit(state, config, preset=None, latent_size=None, device="cpu", source
             if k in state and state[k].shape != v.shape]
     if bad:
         raise ValueError(f"{source} does not match {preset or 'its config'}: "
-                              f"{len(bad)} mismatches, first: {', '.join(bad[:4])}")
+                         f"{len(bad)} mismatches, first: {', '.join(bad[:4])}")
     # copies made on the device in the model's dtypes: nothing is shared with the caller's
     # tensors (train.py passes its live weights), half-precision files load as float32
     filled = {k: state[k].to(device, v.dtype, copy=True)
