@@ -1872,6 +1872,13 @@ def test_init_follows_the_phase_and_takes_bare_weights(train_data, tmp_path):
         assert ckpt["step"] == 1                                  # weights only: step 0 + 1
         weights = load_file(export)
         assert all(torch.equal(ckpt["model"][k], weights[k]) for k in weights)  # lr 0
+    # weights for latents (4 channels) on pixel data (3): refused before anything runs
+    weights = load_file(export)
+    latent_cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], in_channels=4,
+                                     caption_channels=weights["y_embedder.y_proj.fc1.weight"].shape[1])
+    torch.save(MicroDiT(latent_cfg).state_dict(), bare)
+    with pytest.raises(ValueError, match=r"do not fit --data .*in_channels 4 \(the data's: 3\)"):
+        train.main(train_args(train_data, tmp_path / "latent", "--init", bare))
 
 
 def test_ema_update_and_start():
@@ -1947,27 +1954,40 @@ def test_a_folder_that_cannot_be_synced_does_not_fail_the_write(tmp_path, monkey
     assert train.load_checkpoint(train.checkpoints(str(tmp_path))[-1]) == {"step": 5}
 
 
-def test_checkpoint_writer_copies_the_state_before_the_training_goes_on(tmp_path, monkeypatch):
+def test_checkpoint_snapshot_is_written_as_of_the_save_and_copied_once(tmp_path, monkeypatch):
     """The write runs in a background thread while the training changes the weights in
-    place: the file must hold the values of the moment of the save."""
+    place: the file must hold the values of the moment of the save. The snapshot
+    (gathered(copy=True)) is the only copy: the writer hands its tensors to the disk as they
+    are (FSDP's gathered tensors are new memory already; copying them again doubled the
+    host memory of a save)."""
     import threading
-    stepped, real_save = threading.Event(), train.save_checkpoint
+    stepped, real_save, written = threading.Event(), train.save_checkpoint, []
 
-    def slow_disk(*args):  # the write starts only after the training changed the weights
+    def slow_disk(folder, state, keep):  # the write starts only after the weights changed
         stepped.wait(10)
-        real_save(*args)
+        written.append(state)
+        real_save(folder, state, keep)
 
     monkeypatch.setattr(train, "save_checkpoint", slow_disk)
-    weight = torch.arange(6.0).reshape(2, 3)
-    writer = train.CheckpointWriter()
-    writer.save(str(tmp_path), {"model": {"w": weight}, "rng": [{"cpu": torch.ones(2)}],
-                                "step": 7}, keep=2)
+    weight, moment = torch.arange(6.0).reshape(2, 3), torch.ones(3)
+    model = {"w": weight, "step_count": 5}
+    assert train.gathered(model)["w"] is weight  # no copy unless asked (sample grids, CPU)
+    snapshot = train.gathered(model, copy=True)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    opt.state[opt.param_groups[0]["params"][0]]["exp_avg"] = moment
+    opt_snapshot = train.optimizer_state(opt, copy=True)
+    writer = train.CheckpointWriter(background=True)
+    writer.save(str(tmp_path), {"model": snapshot, "optimizer": opt_snapshot,
+                                "rng": [train.rng_state()], "step": 7}, keep=2)
     weight.add_(100.0)  # the next optimizer step
+    moment.mul_(3.0)
     stepped.set()
     writer.close()
+    assert written[0]["model"]["w"] is snapshot["w"]  # not copied a second time
     saved = train.load_checkpoint(train.checkpoints(str(tmp_path))[-1])
     assert torch.equal(saved["model"]["w"], torch.arange(6.0).reshape(2, 3))
-    assert saved["step"] == 7 and torch.equal(saved["rng"][0]["cpu"], torch.ones(2))
+    assert saved["model"]["step_count"] == 5 and saved["step"] == 7
+    assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
 
 
 def test_checkpoint_writer_hands_a_failed_background_write_to_the_training(tmp_path):

@@ -353,21 +353,22 @@ class CheckpointWriteError(OSError):
 
 class CheckpointWriter:
     """Writes checkpoints from a background thread when training on GPUs: the step waits for
-    a copy of the state in CPU memory, not for the disk (a MicroDiT_XL_2 checkpoint is 14 to
-    18.6 GB). One write at a time; a failed write is raised at the next save or at close().
-    On a CPU the thread would compete with the training for the same cores (BENCHMARKS.md:
-    no gain on 2 cores), so there it writes before returning."""
+    a snapshot of the state in CPU memory (`gathered(..., copy=True)`), not for the disk (a
+    MicroDiT_XL_2 checkpoint is 14 to 18.6 GB). One write at a time; a failed write is raised
+    at the next save or at close(). On a CPU the thread would compete with the training for
+    the same cores (BENCHMARKS.md: no gain on 2 cores), so there it writes before returning
+    and the state needs no copy."""
 
     def __init__(self, background=True):
         self.background = background
         self.thread, self.error = None, None
 
     def save(self, folder, state, keep):
+        """state: in the background, a snapshot the training will not change."""
         self.close()
         if not self.background:
             self.write(folder, state, keep)
             return self.close()
-        state = cpu_copy(state)  # the training goes on changing the originals
         self.thread = threading.Thread(target=self.write, args=(folder, state, keep))
         self.thread.start()
 
@@ -387,17 +388,6 @@ class CheckpointWriter:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-
-
-def cpu_copy(state):
-    """A copy of a nested state in which every tensor has CPU memory of its own."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: cpu_copy(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(cpu_copy(v) for v in state)
-    return state
 
 
 def open_log(path, step):
@@ -542,16 +532,22 @@ def shard(raw, world, device):
     fully_shard(raw, mesh=mesh)
 
 
-def gathered(state, keep=True):
+def gathered(state, keep=True, copy=False):
     """A state dict with its FSDP-sharded tensors made whole, on the CPU; others as they
-    are. A collective under FSDP: every rank must call it, and the ranks that do not keep
-    the result (all but the one that saves) get None, not a copy of the whole model in
-    their host memory (14 GB per rank for MicroDiT_XL_2)."""
+    are, or with copy=True CPU copies of their own: a snapshot that the training does not
+    change while a background thread writes it. The gathered tensors are new memory already
+    and are not copied a second time (that would be 19 GB more host memory for
+    MicroDiT_XL_2's weights, EMA and optimizer state). A collective under FSDP: every rank
+    must call it, and the ranks that do not keep the result (all but the one that saves)
+    get None, not a copy of the whole model in their host memory."""
     whole = {}
     for k, v in state.items():
         if isinstance(v, DTensor):
             v = v.full_tensor()  # freed at once where it is not kept
-            v = v.cpu() if keep else None
+            # from a GPU .to copies; a replicated DTensor on the CPU may hand back its own
+            v = v.to("cpu", copy=copy and v.device.type == "cpu") if keep else None
+        elif copy and isinstance(v, torch.Tensor):
+            v = v.detach().to("cpu", copy=True)
         whole[k] = v
     return whole if keep else None
 
@@ -563,11 +559,11 @@ def shard_as(tensor, like):
     return tensor.to(like.device)
 
 
-def optimizer_state(optimizer, keep=True):
+def optimizer_state(optimizer, keep=True, copy=False):
     """optimizer.state_dict() with whole tensors: one format with and without FSDP (None on
-    the ranks that do not keep it, as gathered)."""
+    the ranks that do not keep it; copy as for gathered)."""
     state = optimizer.state_dict()
-    per_param = {i: gathered(s, keep) for i, s in state["state"].items()}
+    per_param = {i: gathered(s, keep, copy) for i, s in state["state"].items()}
     return {**state, "state": per_param} if keep else None
 
 
@@ -733,6 +729,14 @@ def main(argv=None):
     if start is not None:
         model_cfg = DiTConfig.from_dict({**start["model_config"], "input_size": H,
                                          "pos_interp_scale": pos_interp})
+        misfit = [f"{name} {getattr(model_cfg, name)} (the data's: {from_data[name]})"
+                  for name in ("in_channels", "caption_channels")
+                  if getattr(model_cfg, name) != from_data[name]]
+        if misfit:
+            raise ValueError(f"the starting weights do not fit --data {cfg['data']}: they take "
+                             f"{', '.join(misfit)}. Give data prepared with the checkpoint's "
+                             f"VAE and text encoder (`data.py prepare --vae/--clip`), or "
+                             f"weights trained on this data")
         if (args.preset or cfg["model"]) and asked != model_cfg:
             diff = [f"{f.name} {getattr(model_cfg, f.name)!r} (asked: {getattr(asked, f.name)!r})"
                     for f in dataclasses.fields(DiTConfig)
@@ -927,14 +931,16 @@ def main(argv=None):
 
         # --- checkpoint and samples
         if save_now or sample_now:
-            model_state = gathered(raw.state_dict(), keep=master)
-            ema_state = gathered(ema_obj.state, keep=master) if ema_obj else None
+            # a background write needs a snapshot: the next steps change the tensors in place
+            snapshot = save_now and writer.background
+            model_state = gathered(raw.state_dict(), master, snapshot)
+            ema_state = gathered(ema_obj.state, master, snapshot) if ema_obj else None
         if save_now:
             rng = [rng_state()]
             if world > 1:
                 rng = [None] * world
                 dist.all_gather_object(rng, rng_state())
-            opt_state = optimizer_state(optimizer, keep=master)
+            opt_state = optimizer_state(optimizer, master, snapshot)
             if master:
                 writer.save(folder, {
                     "model": model_state, "ema": ema_state,
