@@ -220,7 +220,14 @@ def to_pil(image):
     return Image.fromarray(array)
 
 
-def grid_image(images, columns):
+def grid_image(images, columns, min_side=64):
+    """The images in rows of `columns`. Images smaller than min_side (the 16 px demo's) are
+    enlarged by a whole factor, each pixel a square block, so the grid can be seen at 100%;
+    the images saved one by one keep their own size."""
+    factor = max(1, -(-min_side // min(images[0].size)))  # ceil
+    if factor > 1:
+        images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST)
+                  for im in images]
     w, h = images[0].size
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (columns * w, rows * h), "white")

@@ -743,7 +743,12 @@ def test_sample_end_to_end_matches_the_pipeline(tiny_checkpoint, tmp_path):
         assert png.text["prompt"] == prompt and png.text["seed"] == "7"
         assert png.text["steps"] == "3" and png.text["cfg"] == "2.5"
         assert png.text["checkpoint"] == str(path)
-    assert (tmp_path / "grid.png").exists()
+    # the grid shows the 32 px images side by side, each pixel as a 2 x 2 block (64 px tiles)
+    grid = np.array(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (64, 128, 3)
+    for i in range(2):
+        tile = expected[i].permute(1, 2, 0).numpy().repeat(2, axis=0).repeat(2, axis=1)
+        assert np.array_equal(grid[:, 64 * i:64 * (i + 1)], tile)
 
 
 def test_sample_same_seed_same_image(tiny_checkpoint, tmp_path):
