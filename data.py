@@ -1,7 +1,7 @@
 """Everything between a pile of captioned images and a training batch.
 
     python data.py demo --out data/shapes32 --n 4000 --res 32               # built-in set, pixels
-    python data.py prepare --src imgs/ --out data/mine --res 256 512 --vae weights/sdxl-vae
+    python data.py prepare --src imgs/ --out data/mine --res 256 512 --vae weights/sdxl/vae
     torchrun --nproc_per_node 8 data.py prepare --src shards/ --out data/cc12m --res 256 512 ...
 
     loader = LatentLoader("data/cc12m:0.6,data/synthetic:0.4", resolution=256, batch_size=256)
@@ -49,8 +49,8 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 from tqdm import tqdm
 
-from text import DEFAULT_CLIP, TINY_RANDOM, load_text_encoder
-from vae import load_vae
+from text import DEFAULT_CLIP, DOWNLOAD as CLIP_DOWNLOAD, TINY_RANDOM, load_text_encoder
+from vae import DOWNLOAD as VAE_DOWNLOAD, load_vae
 
 FORMAT = "microdit-shards"
 FORMAT_VERSION = 1
@@ -504,8 +504,14 @@ class Encoders:
 
     def __init__(self, vae, clip, device, dtype):
         self.device, self.dtype = device, dtype
-        self.vae = None if vae == "none" else load_vae(vae, device=device, dtype=dtype)
-        self.text = load_text_encoder(clip, device=device, dtype=dtype)
+        try:
+            self.vae = None if vae == "none" else load_vae(vae, device=device, dtype=dtype)
+            self.text = load_text_encoder(clip, device=device, dtype=dtype)
+        except FileNotFoundError as e:  # weights not downloaded yet, most often
+            raise FileNotFoundError(f"{e}\nThe paper's encoders, downloaded once:\n"
+                                    f"    {VAE_DOWNLOAD}\n    {CLIP_DOWNLOAD}\nthen give "
+                                    f"--vae weights/sdxl/vae --clip "
+                                    f"weights/clip/open_clip_model.safetensors") from None
 
     @torch.inference_mode()
     def images(self, pixels, keys, res, seed):
@@ -809,7 +815,8 @@ def prepare(cfg, rank=None, world_size=None):
             for i in todo:
                 prepare_shard(i, shards[i], cfg, encoders, pool, progress)
     info = {"resolutions": sorted(cfg.res), "pixel_space": cfg.vae == "none",
-            "vae": cfg.vae, "clip": cfg.clip, "seed": cfg.seed, "min_size": cfg.min_size,
+            "vae": recorded_path(cfg.vae), "clip": recorded_path(cfg.clip), "seed": cfg.seed,
+            "min_size": cfg.min_size,
             "source": settings["src"], "source_format": fmt}
     if cfg.vae != "none":
         vae_cfg = (encoders.vae if todo else load_vae(cfg.vae)).config
@@ -1115,6 +1122,19 @@ def ensure_demo_data(out, master=True, res=32, n=PrepareConfig.n, seed=0):
 # ----------------------------------------------------------------------------------------
 # the training loader
 
+def absolute_sources(sources):
+    """The same sources with every folder absolute, as a run records them: its checkpoints
+    then find their data from any working directory."""
+    return ",".join(os.path.abspath(path) + ("" if weight == 1 else f":{weight:g}")
+                    for path, weight in parse_sources(sources))
+
+
+def recorded_path(name):
+    """A local file or folder as an absolute path, for the records a later command reads
+    from elsewhere; hub ids and names such as 'none' as they are."""
+    return os.path.abspath(name) if name and os.path.exists(name) else name
+
+
 def parse_sources(sources):
     """'dirA:0.6,dirB:0.4' (weights optional, default 1) or [(path, weight)] or [path]."""
     if isinstance(sources, str):
@@ -1404,6 +1424,10 @@ def bench(data, res, batch_size, batches, fake_samples, caption_dim, prefetch, c
     evict them from the page cache (posix_fadvise) and time only the rest of the first
     epoch, so every timed read comes from the disk; 'as-is': neither."""
     if fake_samples and not os.path.exists(os.path.join(data, "index.json")):
+        if os.path.isdir(data) and os.listdir(data):  # a prepare in progress, or anything else
+            raise ValueError(f"--fake-samples: {data} is not empty and holds no finished data "
+                             f"set (no index.json); random samples go only into a new or "
+                             f"empty folder, so give another --data")
         bench_shards(data, res, fake_samples, caption_dim)
     for path in glob.glob(os.path.join(data, "*.npy")) if cache != "as-is" else []:
         with open(path, "rb") as f:

@@ -23,7 +23,8 @@ from PIL import Image, PngImagePlugin
 
 from diffusion import heun_sample
 from model import PRESETS, DiTConfig, MicroDiT, pos_embed_of, sincos_pos_embed
-from text import DEFAULT_CLIP, load_text_encoder
+from text import DEFAULT_CLIP, DOWNLOAD as CLIP_DOWNLOAD, load_text_encoder
+from vae import DOWNLOAD as VAE_DOWNLOAD, load_vae
 
 RELEASED_REPO = "VSehwag24/MicroDiT"
 RELEASED_CKPT = "ckpts/dit_4_channel_37M_real_and_synthetic_data.pt"
@@ -36,10 +37,8 @@ Pipeline = collections.namedtuple("Pipeline", "net text_encoder vae device")
 def download_instructions():
     return ("Download the released weights once (about 9 GB in all):\n"
             f"    hf download {RELEASED_REPO} {RELEASED_CKPT} --local-dir weights\n"
-            "    hf download stabilityai/stable-diffusion-xl-base-1.0 "
-            "vae/config.json vae/diffusion_pytorch_model.safetensors --local-dir weights/sdxl\n"
-            "    hf download apple/DFN5B-CLIP-ViT-H-14-378 "
-            "open_clip_model.safetensors --local-dir weights/clip\n"
+            f"    {VAE_DOWNLOAD}\n"
+            f"    {CLIP_DOWNLOAD}\n"
             f"then: python sample.py \"a cat\" --ckpt weights/{RELEASED_CKPT} "
             "--vae weights/sdxl/vae --clip weights/clip/open_clip_model.safetensors")
 
@@ -64,8 +63,10 @@ def resolve_vae(name):
         return snapshot_download(name, allow_patterns=[
             "config.json", "diffusion_pytorch_model.safetensors",
             "vae/config.json", "vae/diffusion_pytorch_model.safetensors"])
-    except Exception as e:
-        raise FileNotFoundError(f"cannot get the VAE {name} ({type(e).__name__}).\n"
+    except Exception as e:  # offline and not cached, or no such repo
+        raise FileNotFoundError(f"cannot get the VAE {name!r}: no file or folder of that name "
+                                f"under {os.getcwd()}, and as a hub id it could not be fetched "
+                                f"({type(e).__name__}); give --vae PATH.\n"
                                 + download_instructions()) from e
 
 
@@ -331,7 +332,6 @@ def load_encoders(vae_name, clip_name, latent_channels, caption_width, device="c
         if not vae_name and latent_channels not in DEFAULT_VAES:
             raise ValueError(f"no released VAE has {latent_channels}-channel latents: pass "
                              f"--vae (or --vae {PIXEL_SPACE} for a pixel-space model)")
-        from vae import load_vae
         _, dtype = precision(device)
         vae = load_vae(resolve_vae(vae_name or DEFAULT_VAES[latent_channels]), device, dtype)
         if vae.config.latent_channels != latent_channels:

@@ -32,6 +32,7 @@ from diffusion import denoise, edm_loss, guided, heun_sample, sigma_steps
 from mixer import keep_tokens, num_kept, random_ids_keep, removed_mask, restore_tokens
 from model import PRESETS, DiTConfig, MicroDiT, count_params, forward_flops
 from moe import ExpertChoiceMoE, TokenChoiceMoE, num_tokens_per_expert
+import vae as vae_lib
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig, load_vae
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -781,6 +782,11 @@ def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
     path, _ = tiny_checkpoint
     assert run_sample("a cat", "--ckpt", tmp_path / "missing.pt") == 2
     assert "hf download" in capsys.readouterr().err
+    # a VAE path recorded relative to another folder (or mistyped) is said to be one
+    assert run_sample("a cat", "--ckpt", path, "--vae", "elsewhere/vae", "--clip",
+                      "tiny-random") == 2
+    err = capsys.readouterr().err
+    assert f"no file or folder of that name under {os.getcwd()}" in err and "--vae PATH" in err
     vae = FIXTURES / "vae_tiny_4ch"
     assert run_sample("", "--ckpt", path, "--vae", vae, "--clip", "tiny-random") == 2
     assert "empty" in capsys.readouterr().err
@@ -1014,6 +1020,11 @@ def test_prepare_that_skips_everything_explains_itself(tmp_path, capsys):
     rc = data.main(["prepare", "--src", str(tmp_path / "nothere"), "--out", str(tmp_path / "o2"),
                     "--res", "16", "--vae", "none", "--clip", "tiny-random"])
     assert rc == 2 and "no such file or folder" in capsys.readouterr().err
+    # encoder weights not downloaded yet: the message says how to get them
+    rc = data.main(["prepare", "--src", str(src), "--out", str(tmp_path / "o3"), "--res", "16",
+                    "--vae", str(tmp_path / "weights" / "sdxl" / "vae"), "--clip", "tiny-random"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no such file or folder" in err and vae_lib.DOWNLOAD in err
 
 
 def test_decode_caption():
@@ -1671,6 +1682,15 @@ def test_data_bench_prints_and_returns_its_figures(tmp_path, capsys):
     assert (figures["batch"], figures["batches"], figures["startup_batches"]) == (8, 2, 3)
     assert figures["samples_per_s"] > 0 and figures["ms_per_batch"] > 0
     assert "next 2 batches, page cache warm" in capsys.readouterr().out
+    # a folder that holds anything but a finished data set (a prepare still running, whose
+    # index.json comes last) is never filled with random samples
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "prepare.json").write_text("{}")
+    with pytest.raises(ValueError, match="not empty and holds no finished data set"):
+        data.bench(str(busy), 16, 8, batches=2, fake_samples=40, caption_dim=8, prefetch=0,
+                   cache="warm")
+    assert os.listdir(busy) == ["prepare.json"]
 
 
 # ----------------------------------------------------------------------------- train.py
@@ -1845,6 +1865,67 @@ def test_starting_weights_that_do_not_fit_are_refused(train_data, tmp_path):
                                          r"unexpected \['extra.weight'\]"):
         train.cli(train_args(train_data, tmp_path / "p2", *common, "--phase", "2",
                              "--init", tmp_path / "edited.pt"))
+
+
+def test_later_phases_keep_the_run_scale_and_weights_keep_their_grid(train_data, tmp_path):
+    """Without --res, phases 2 to 4 go on at the scale of the run they continue (1 and 2 at
+    its base resolution, 3 and 4 at twice it), and weights without a run's config bring the
+    position grid their pos_embed was built on."""
+    args = train_args(train_data, tmp_path / "run", "--steps", "2", "--ckpt-every", "2")
+    no_res = [a for i, a in enumerate(args)
+              if a not in ("--res", "--base-res") and args[i - 1] not in ("--res", "--base-res")]
+    train.main(args)                                            # phase 1 at 8 px
+    for phase, res, interp in [(2, 8, 1.0), (3, 16, 2.0), (4, 16, 2.0)]:
+        train.main(no_res + ["--phase", str(phase)])
+        ckpt = final_checkpoint(tmp_path / "run", phase)
+        assert (ckpt["config"]["res"], ckpt["config"]["base_res"]) == (res, 8), phase
+        assert ckpt["model_config"]["pos_interp_scale"] == interp
+    # an export of the 16 px phase (built on the 8 px grid) starts a new run on that grid
+    export = str(tmp_path / "p4.safetensors")
+    train.main(no_res + ["--phase", "4", "--export", export])
+    train.main(no_res + ["--phase", "3", "--res", "16", "--init", export, "--out",
+                         str(tmp_path / "new")])
+    ckpt = final_checkpoint(tmp_path / "new", 3)
+    assert ckpt["config"]["base_res"] == 8 and ckpt["model_config"]["pos_interp_scale"] == 2.0
+
+
+def test_records_name_local_paths_absolutely(train_data, tmp_path, monkeypatch):
+    """A run started in one folder and continued (or sampled) from another: the data folder
+    in its checkpoints and the encoders in index.json are absolute, hub ids and 'none' as
+    given."""
+    monkeypatch.chdir(Path(train_data).parent)
+    rel = Path(train_data).name
+    train.main(train_args(rel, tmp_path / "run", "--steps", "2", "--ckpt-every", "2"))
+    assert final_checkpoint(tmp_path / "run")["config"]["data"] == train_data
+    monkeypatch.chdir(tmp_path)
+    args = train_args("unused", tmp_path / "run", "--steps", "2", "--phase", "2")
+    train.main(args[:args.index("--data")] + args[args.index("--data") + 2:])
+    assert final_checkpoint(tmp_path / "run", 2)["config"]["data"] == train_data
+    assert data.absolute_sources("a:0.6,b") == f"{tmp_path}/a:0.6,{tmp_path}/b"
+    assert data.parse_sources(data.absolute_sources("a:0.6,b")) == [
+        (f"{tmp_path}/a", 0.6), (f"{tmp_path}/b", 1.0)]
+    # prepare: the VAE by its absolute path
+    monkeypatch.chdir(FIXTURES.parent)
+    run_prepare("demo", tmp_path / "latents", format="demo", n=4,
+                vae="fixtures/vae_tiny_4ch")
+    info = json.loads((tmp_path / "latents" / "index.json").read_text())
+    assert info["vae"] == str(FIXTURES / "vae_tiny_4ch") and info["clip"] == "tiny-random"
+
+
+def test_a_second_run_on_the_same_folder_is_refused(train_data, tmp_path):
+    """Two runs on one --out would resume from the same checkpoint and overwrite each other's
+    checkpoints and log: while one holds the phase folder, another stops before writing."""
+    import fcntl
+    train.main(train_args(train_data, tmp_path, "--steps", "3"))
+    folder = tmp_path / "phase1"
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with open(folder / ".lock", "w") as other:  # what the other run's process holds
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match="in use by another train.py run"):
+            train.main(train_args(train_data, tmp_path, "--steps", "6"))
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    train.main(train_args(train_data, tmp_path, "--steps", "6"))  # the other one ended
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_init_follows_the_phase_and_takes_bare_weights(train_data, tmp_path):

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import numpy
 import torch
@@ -39,7 +39,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import LatentLoader, atomic_write, data_info, ensure_demo_data, write_json
+from data import (LatentLoader, absolute_sources, atomic_write, data_info, ensure_demo_data,
+                  write_json)
 from diffusion import edm_loss_per_sample
 from mixer import random_ids_keep
 from model import PRESETS, DiTConfig, MicroDiT, count_params, train_flops_per_image
@@ -171,6 +172,8 @@ def resolve_config(args):
         if value is not None:
             cfg[key] = value
     cfg.setdefault("data", None)
+    if cfg["data"] and cfg["data"] != "demo":
+        cfg["data"] = absolute_sources(cfg["data"])
     for key in ("out", "compile", "compile_mode", "dtype", "fsdp", "activation_checkpointing",
                 "ckpt_every", "keep", "sample_every", "log_every", "max_bad_steps", "vae",
                 "clip", "init", "demo"):
@@ -648,9 +651,36 @@ def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device, dtyp
             m.to("cpu")
 
 
+@contextmanager
+def run_lock(folder):
+    """An exclusive lock on a phase folder while a run writes to it: a second run on the same
+    --out (started twice by hand, or requeued by a scheduler while the first is still alive)
+    would resume from the same checkpoint and overwrite the other's checkpoints and log. The
+    operating system drops the lock when the process ends, however it ends. Where the file
+    system has no locks (Windows, some network file systems) the run goes on without one."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "w") as f:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"{folder} is in use by another train.py run (it holds {f.name}); wait "
+                     f"for it to end or stop it, or give another --out")
+        except (ImportError, OSError):
+            pass
+        yield
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
+    """Train one phase, or export weights (--export); the phase folder's lock is held until
+    this returns or raises."""
+    with ExitStack() as held:
+        return train_phase(argv, held)
+
+
+def train_phase(argv, held):
     args = parse_args(argv)
     given = given_flags(args)
     cfg = resolve_config(args)
@@ -684,17 +714,21 @@ def main(argv=None):
     elif PHASES[cfg["phase"]]["init"] != "scratch":
         start = previous_phase_checkpoint(cfg)
     # the position grid is that of the run's first phase (1.0 at its resolution, 2.0 at
-    # twice it, as released): a fresh run's own --res, else the run it continues; bare
-    # weights (a released .pt) come from the paper's 256px phase 1
+    # twice it, as released): a fresh run's own --res, else the run it continues; weights
+    # without a run's config (a released .pt, an export) bring their own grid, worked out
+    # once the data's latent size is known
+    saved = (start or {}).get("config") or {}
     if "base_res" not in given:
-        saved = (start or {}).get("config") or {}
-        cfg["base_res"] = saved.get("base_res") or (cfg["res"] if start is None
-                                                    else PHASES[1]["res"])
-    if not cfg["data"] and start is not None and (start.get("config") or {}).get("data"):
-        cfg["data"] = start["config"]["data"]
+        cfg["base_res"] = saved.get("base_res") or (cfg["res"] if start is None else None)
+    # a phase that continues a run keeps its scale: phases 1 and 2 at the run's base
+    # resolution, 3 and 4 at twice it (256 and 512px in the paper; 16 and 32 for a 16px run)
+    if saved.get("base_res") and not resume and "res" not in given:
+        cfg["res"] = saved["base_res"] * PHASES[cfg["phase"]]["res"] // PHASES[1]["res"]
+    if not cfg["data"] and saved.get("data"):
+        cfg["data"] = saved["data"]
         if master:
             print(f"--data: {cfg['data']}, the data the starting checkpoint trained on")
-            if start["config"].get("res") != cfg["res"]:
+            if cfg["res"] > saved.get("res", cfg["res"]):
                 print(f"  at {cfg['res']}px now: the paper changes the data for its 512px "
                       f"phases (no DiffusionDB, CC12M images of at least 512px only: "
                       f"`data.py prepare --min-size 512` on CC12M; README, Training)")
@@ -710,7 +744,7 @@ def main(argv=None):
                  "--data demo for the built-in shapes set (--demo runs the whole CPU demo)")
     if cfg["data"] == "demo":
         # one folder per resolution: a later --res finds its own, not the other's
-        demo_folder = os.path.join(cfg["out"], f"demo_data_{cfg['res']}px")
+        demo_folder = os.path.abspath(os.path.join(cfg["out"], f"demo_data_{cfg['res']}px"))
         cfg["data"] = ensure_demo_data(demo_folder, master, res=cfg["res"])
         if world > 1:
             dist.barrier()
@@ -720,6 +754,10 @@ def main(argv=None):
     loader = LatentLoader(cfg["data"], cfg["res"], cfg["micro_batch"], rank=rank,
                           world_size=world, seed=cfg["seed"], pin_memory=device.type == "cuda")
     C, H, _ = loader.latent_shape
+    if cfg["base_res"] is None:  # the starting weights' own position grid, in pixels here
+        own = DiTConfig.from_dict(start["model_config"])
+        grid = own.input_size / own.pos_interp_scale                   # latents per side
+        cfg["base_res"] = round(grid * cfg["res"] / H)
 
     # --- model and optimizer
     pos_interp = cfg["res"] / cfg["base_res"]
@@ -807,7 +845,11 @@ def main(argv=None):
 
     flops_per_image = train_flops_per_image(model_cfg, H, cfg["mask_ratio"])
     peak = peak_flops(device)
-    if master:
+    if master:  # the first write to the folder
+        held.enter_context(run_lock(folder))
+        if checkpoints(folder) != existing:
+            sys.exit(f"another run wrote checkpoints to {folder} while this one started; "
+                     f"start it again to resume from the latest")
         record_run(folder, step, {"run": cfg, "model": dataclasses.asdict(model_cfg),
                                   "world_size": world, "accumulation": accum,
                                   **environment(device)})

@@ -62,6 +62,10 @@ class VAEConfig:
         return cls(**kw)
 
 
+# the paper's VAE (SDXL 1.0's), for a machine that works offline afterwards
+DOWNLOAD = ("hf download stabilityai/stable-diffusion-xl-base-1.0 vae/config.json "
+            "vae/diffusion_pytorch_model.safetensors --local-dir weights/sdxl")
+
 VAE_PRESETS = {
     "sdxl": VAEConfig(),  # vae/ of stabilityai/stable-diffusion-xl-base-1.0, as in the paper
     # ostris/vae-kl-f8-d16: scaling_factor and shift_factor (null) of its config.json as
