@@ -2,6 +2,7 @@
 
     python experiments.py                        # all four tables, runs/experiments/
     python experiments.py --tables 1 3 --steps 600
+    python experiments.py --tables 4 --steps 20 --eval-images 16 --eval-steps 5   # a smoke run
 
 Every run trains MicroDiT_CPU_2 with train.py on the built-in shapes data (16x16 pixels,
 64 patches) from the same seed, data order and recipe; only the switch under test changes.
@@ -13,7 +14,8 @@ Quality is read three ways, all without downloads:
   exactly one image; about half of a second seed's draws are training images). It is the
   most sensitive of the three at this scale: lower is better;
 - shapes FD: eval.py's Frechet distance between 128 generated images (20 Heun steps,
-  guidance 3) and renderings of their captions, in a fixed random feature network;
+  guidance 3; --eval-images, --eval-steps) and renderings of their captions, in a fixed
+  random feature network;
 - prompt following: eval.py's template matching, the fraction of those 128 images whose
   colour is right, and whose colour, shape, size and position are all right.
 
@@ -22,7 +24,9 @@ Table 1 also trains the masked models for the unmasked run's compute: steps scal
 FLOP ratio (measured step times on a shared VM drift by 20% between runs made one after the
 other, so they would not give equal budgets); each run's measured training time is reported.
 The results go to OUT/results.md (markdown tables), OUT/results.json and OUT/plot.png
-(held-out loss against training compute, every run).
+(held-out loss against training compute, every run), rewritten after each run. Each run's
+figures are also kept in its folder (result.json): a rerun, after a stop or with more
+tables, reuses the runs done with the same settings instead of evaluating them again.
 """
 import argparse
 import dataclasses
@@ -35,7 +39,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import train
-from data import LatentDataset, ensure_demo_data
+from data import LatentDataset, ensure_demo_data, write_json
 from diffusion import edm_loss_per_sample
 from eval import evaluate_shapes
 from model import PRESETS, DiTConfig, train_flops_per_image
@@ -118,12 +122,25 @@ def held_out_loss(net, held_out, rows):
     return float(np.mean(losses)), losses
 
 
-def evaluate(folder, held_out, rows):
+def evaluate(folder, held_out, rows, images, steps):
+    """The run's figures, from its folder's result.json when they were made from the same
+    checkpoint with the same evaluation settings."""
     ckpt = train.checkpoints(train.phase_dir(folder, 1))[-1]
+    settings = {"checkpoint": os.path.basename(ckpt), "eval_images": images,
+                "eval_steps": steps, "held_out": HELD_OUT, "held_out_sigmas": HELD_OUT_SIGMAS}
+    cache = os.path.join(folder, "result.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved["settings"] == settings:
+            return saved["result"]
     net, _ = load_dit(ckpt)
     loss, per_sigma = held_out_loss(net.eval(), held_out, rows)
-    scores, _, _ = evaluate_shapes(ckpt, n=EVAL_IMAGES, seed=1234, steps=20, cfg=3.0, device="cpu")
-    return {"held_out_loss": loss, "held_out_per_sigma": per_sigma, **scores}
+    scores, _, _ = evaluate_shapes(ckpt, n=images, seed=1234, steps=steps, cfg=3.0,
+                                   device="cpu")
+    result = {"held_out_loss": loss, "held_out_per_sigma": per_sigma, **scores}
+    write_json(cache, {"settings": settings, "result": result})
+    return result
 
 
 def model_config(overrides):
@@ -174,13 +191,19 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="initial weights, data order and noise "
                                                        "(the data and held-out set stay fixed)")
+    p.add_argument("--eval-images", type=int, default=EVAL_IMAGES,
+                   help="generated images per run for shapes FD and prompt following")
+    p.add_argument("--eval-steps", type=int, default=20, help="Heun steps per generated image")
     args = p.parse_args(argv)
+    if args.eval_images < 2 or args.eval_steps < 1:
+        p.error("--eval-images must be at least 2 (a Frechet distance needs 2) and "
+                "--eval-steps at least 1")
     data = ensure_demo_data(os.path.join(args.out, "data"), res=RES)
     held_out = ensure_demo_data(os.path.join(args.out, f"held_out_{HELD_OUT_DRAWS}"), res=RES,
                                 n=HELD_OUT_DRAWS, seed=1)
     rows = unseen_rows(held_out, data, HELD_OUT)
 
-    results = []
+    results, judged = [], (args.eval_images, args.eval_steps)
     wanted = {name for t, name, _, _ in RUNS if t in args.tables}
     wanted |= {name for t in args.tables for name in SHARED.get(t, [])}
     for t, name, mask, overrides in RUNS:
@@ -191,8 +214,9 @@ def main(argv=None):
         results.append({"table": t, "name": name, "steps": args.steps, "batch": args.batch_size,
                         "mask": mask, "overrides": overrides,
                         "gflops": train_flops_per_image(model_config(overrides), RES, mask) / 1e9,
-                        **timing, **evaluate(folder, held_out, rows)})
+                        **timing, **evaluate(folder, held_out, rows, *judged)})
         print(json.dumps(results[-1]))
+        report(args.out, args.tables, results)
     if 1 in args.tables:  # the masked runs again, with the unmasked run's training FLOPs
         base = next(r for r in results if r["name"] == "no masking")
         for r in [r for r in results if r["table"] == 1 and r["mask"] > 0]:
@@ -201,19 +225,24 @@ def main(argv=None):
             folder, timing = train_run(args.out, name, r["mask"], r["overrides"], steps,
                                        args.batch_size, data, args.seed)
             results.append({**r, "name": name, "steps": steps, **timing,
-                            **evaluate(folder, held_out, rows)})
+                            **evaluate(folder, held_out, rows, *judged)})
             print(json.dumps(results[-1]))
-
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    by_name = {r["name"]: r for r in results}
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        for t in args.tables:
-            rows = [by_name[n] for n in SHARED.get(t, []) if n in by_name]
-            rows += [r for r in results if r["table"] == t]
-            f.write(f"### {t}. {TITLES[t]}\n\n{table(rows)}\n")
-    plot(results, os.path.join(args.out, "plot.png"))
+            report(args.out, args.tables, results)
     print(f"tables in {args.out}/results.md, plot in {args.out}/plot.png")
+
+
+def report(out, tables, results):
+    """results.json, results.md and plot.png of the runs so far."""
+    write_json(os.path.join(out, "results.json"), results)
+    by_name = {r["name"]: r for r in results}
+    text = ""
+    for t in tables:
+        rows = [by_name[n] for n in SHARED.get(t, []) if n in by_name]
+        rows += [r for r in results if r["table"] == t]
+        text += f"### {t}. {TITLES[t]}\n\n{table(rows)}\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    plot(results, os.path.join(out, "plot.png"))
 
 
 if __name__ == "__main__":

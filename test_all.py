@@ -3330,10 +3330,20 @@ def test_bench_memory_cap_needs_cuda():
 
 def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     import experiments
-    monkeypatch.setattr(experiments, "EVAL_IMAGES", 8)
     out = tmp_path / "exp"
-    experiments.main(["--tables", "4", "--steps", "2", "--batch-size", "8", "--out", str(out)])
+    argv = ["--tables", "4", "--steps", "2", "--batch-size", "8", "--out", str(out),
+            "--eval-images", "8", "--eval-steps", "3"]
+    judged, real_evaluate = [], experiments.evaluate_shapes
+    monkeypatch.setattr(experiments, "evaluate_shapes",
+                        lambda *a, **k: judged.append((k["n"], k["steps"])) or real_evaluate(*a, **k))
+    experiments.main(argv)
     results = json.loads((out / "results.json").read_text())
+    assert judged == [(8, 3)] * 3  # --eval-images and --eval-steps reach every run's judging
+    # a rerun reuses every run's figures (kept in its folder) instead of judging it again
+    monkeypatch.setattr(experiments, "evaluate_shapes", lambda *a, **k: 1 / 0)
+    experiments.main(argv)
+    assert json.loads((out / "results.json").read_text()) == results
+    monkeypatch.undo()
     assert [r["name"] for r in results] == ["deferred 75% (mixer)", "token-choice top-2",
                                             "no layer-wise scaling"]
     table = (out / "results.md").read_text()

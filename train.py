@@ -763,7 +763,9 @@ def train_phase(argv, held):
     pos_interp = cfg["res"] / cfg["base_res"]
     from_data = dict(in_channels=C, input_size=H, caption_channels=loader.caption_shape[-1],
                      pos_interp_scale=pos_interp)
-    asked = dataclasses.replace(PRESETS[cfg["preset"]], **from_data, **cfg["model"])
+    # from_dict: JSON's lists become the config's tuples, so that a resume compares equal
+    asked = DiTConfig.from_dict({**dataclasses.asdict(PRESETS[cfg["preset"]]), **from_data,
+                                 **cfg["model"]})
     if start is not None:
         model_cfg = DiTConfig.from_dict({**start["model_config"], "input_size": H,
                                          "pos_interp_scale": pos_interp})
