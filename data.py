@@ -299,6 +299,10 @@ def read_coco_captions(json_path, flag):
             captions[a["image_id"]].append((a["id"], caption if isinstance(caption, str)
                                             else None))
         files = {im["id"]: im["file_name"] for im in coco["images"] if im["id"] in captions}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {json_path}: no such file (COCO's captions file, "
+                                f"annotations/captions_val2014.json in "
+                                f"annotations_trainval2014.zip)") from None
     except ValueError as e:
         raise ValueError(f"{flag} {json_path}: not valid JSON ({e}); is the download "
                          f"complete?") from None
@@ -583,9 +587,9 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def write_shard(out, shard_id, columns, keys, captions, origin, counts):
+def write_shard(out, shard_id, columns, keys, captions, origin, counts, skipped=()):
     """Column arrays (n rows each) first, the manifest last: a shard is complete exactly when
-    its manifest exists."""
+    its manifest exists. skipped: [key, reason] of the records left out."""
     name = shard_name(shard_id)
     for stale in glob.glob(os.path.join(out, f"{name}.*.tmp-*")):  # left by a killed run
         os.remove(stale)
@@ -594,7 +598,8 @@ def write_shard(out, shard_id, columns, keys, captions, origin, counts):
         atomic_write(column_path(out, name, column), lambda f, a=array: np.save(f, a))
     write_json(os.path.join(out, name + ".json"),
                {"samples": len(keys), "origin": origin, "keys": keys, "captions": captions,
-                "columns": sorted(columns), "counts": dict(sorted(counts.items()))})
+                "columns": sorted(columns), "counts": dict(sorted(counts.items())),
+                "skipped": list(skipped)})
 
 
 def read_manifest(out, shard_id):
@@ -606,6 +611,7 @@ def read_manifest(out, shard_id):
         return None
 
 
+SKIPPED_NAMED = 10  # skipped records named per reason in summary.json
 SKIP_REASONS = ("missing_caption", "empty_caption", "unreadable_caption", "missing_image",
                 "unreadable_image", "too_small",  # too_small: below --min-size
                 "bad_tar")  # bad_tar: a tar that could not be read to its end
@@ -633,6 +639,14 @@ def finish_index(out, num_shards, info):
                "skipped": {k: counts[k] for k in SKIP_REASONS if counts[k]},
                "converted": {k: v for k, v in sorted(counts.items())
                              if k not in SKIP_REASONS and v}}
+    named = collections.defaultdict(list)  # the first few of each reason; manifests: all
+    for m in manifests:
+        for key, reason in m.get("skipped", []):  # folders prepared before had no list
+            if len(named[reason]) < SKIPPED_NAMED:
+                named[reason].append(key)
+    if named:
+        summary["skipped_first"] = dict(sorted(named.items()))
+        summary["skipped_all"] = "the \"skipped\" list of each shard-NNNNN.json"
     write_json(os.path.join(out, "summary.json"), summary)  # also when it explains a failure
     if not columns:
         raise ValueError(f"{out}: every one of the {summary['records_seen']} records was "
@@ -742,7 +756,7 @@ def prepare_shard(shard_id, shard, cfg, encoders, pool, progress):
         keys.extend(batch_keys)
         captions.extend(b.caption for b in batch)
 
-    batch = []
+    batch, skipped = [], []
     loaded = _bounded_map(pool, lambda r: load_sample(r, resolutions, cfg.min_size),
                           shard.records(counts),
                           window=2 * cfg.batch_size)
@@ -752,13 +766,15 @@ def prepare_shard(shard_id, shard, cfg, encoders, pool, progress):
         counts.update(sample.counts)
         if sample.images is not None:
             batch.append(sample)
+        else:  # named in the manifest, so that a skipped image can be found and mended
+            skipped.append([sample.key, next(r for r in SKIP_REASONS if sample.counts[r])])
         if len(batch) == cfg.batch_size:
             encode(batch)
             batch = []
     encode(batch)
     # written even when every record was bad: an empty shard is complete, reruns skip it
     write_shard(cfg.out, shard_id, {c: np.concatenate(p) for c, p in parts.items()}, keys,
-                captions, shard.origin, counts)
+                captions, shard.origin, counts, skipped)
 
 
 ProcessEnv = collections.namedtuple("ProcessEnv", "rank world_size device")
@@ -1028,6 +1044,9 @@ class LatentDataset:
 
     def __init__(self, path):
         index_path = os.path.join(path, "index.json")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such data folder (under {os.getcwd()}); is "
+                                    f"the path right?")
         if not os.path.exists(index_path):
             hint = ""
             if glob.glob(os.path.join(path, "*", "index.json")):

@@ -64,6 +64,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -155,8 +156,12 @@ def list_images(folder, flag):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{flag} {folder}: not a folder (FID compares two folders of "
                                 f"images)")
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if "grid.png" in names and any(re.match(r"\d{4}_", f) for f in names):
+        names.remove("grid.png")  # sample.py's grid beside its images: not one of them
+        print(f"{flag} {folder}: grid.png left out (sample.py's grid of the images; "
+              f"sample.py --no-grid does not write it)")
+    paths = [os.path.join(folder, f) for f in names]
     if not paths:
         raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     return paths
@@ -366,8 +371,11 @@ def coco_generate(args, rank=0, world_size=1):
         with open(settings_path) as f:
             earlier = json.load(f)
         if earlier != settings:
-            raise ValueError(f"{args.out} holds images made with {earlier}, not {settings}: "
-                             f"use another --out")
+            changed = [f"{k} {earlier.get(k)!r} then, {settings.get(k)!r} now"
+                       for k in sorted(set(earlier) | set(settings))
+                       if earlier.get(k) != settings.get(k)]
+            raise ValueError(f"{args.out} holds images made with other settings "
+                             f"({'; '.join(changed)}): use another --out")
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     if rank == 0:
         write_json(settings_path, settings)

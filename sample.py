@@ -28,6 +28,10 @@ from vae import DOWNLOAD as VAE_DOWNLOAD, load_vae
 
 RELEASED_REPO = "VSehwag24/MicroDiT"
 RELEASED_CKPT = "ckpts/dit_4_channel_37M_real_and_synthetic_data.pt"
+RELEASED_FILES = ("dit_4_channel_22M_real_only_data.pt",
+                  "dit_4_channel_37M_real_and_synthetic_data.pt",
+                  "dit_16_channel_37M_real_and_synthetic_data.pt",
+                  "dit_4_channel_0.5B_synthetic_data.pt")
 # the VAE each released latent width was trained with
 DEFAULT_VAES = {4: "stabilityai/stable-diffusion-xl-base-1.0", 16: "ostris/vae-kl-f8-d16"}
 PIXEL_SPACE = "none"  # --vae none: the model works on pixels directly
@@ -123,9 +127,12 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except pickle.UnpicklingError as e:  # readable, but pickles Python objects
+    except pickle.UnpicklingError as e:
         detail = next((line for line in str(e).splitlines() if "Unsupported global" in line),
-                      str(e).splitlines()[0] if str(e) else "")
+                      None)
+        if detail is None:  # not a pickle at all (a text file, a cut-off download)
+            raise ValueError(f"{path}: not a PyTorch checkpoint (its bytes do not unpickle); "
+                             f"it is damaged or another kind of file") from None
         raise ValueError(f"{path}: holds Python objects, not only tensors, and is loaded with "
                          f"weights_only=True, which refuses them ({detail.strip()}); save the "
                          f"model's state_dict() instead of the model") from None
@@ -158,7 +165,10 @@ def read_checkpoint(path):
     """(state_dict, model config dict or None, extra info) from a released .pt (bare
     state_dict), a train.py checkpoint (EMA weights preferred) or an exported .safetensors."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found.\n" + download_instructions())
+        raise FileNotFoundError(f"checkpoint {path!r} not found" + (
+            ".\n" + download_instructions() if os.path.basename(path) in RELEASED_FILES
+            else f" (under {os.getcwd()}); check the path, or leave --ckpt out for the paper's "
+                 f"released model"))
     if not path.endswith(".safetensors"):
         return weights_of(load_checkpoint(path), path)
     from safetensors import safe_open

@@ -780,7 +780,10 @@ def test_sample_compiles_the_network_once_for_all_steps(tiny_checkpoint, tmp_pat
 
 def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
     path, _ = tiny_checkpoint
-    assert run_sample("a cat", "--ckpt", tmp_path / "missing.pt") == 2
+    assert run_sample("a cat", "--ckpt", tmp_path / "missing.pt") == 2  # a typo
+    assert "not found (under" in capsys.readouterr().err
+    released = tmp_path / "weights" / "dit_4_channel_22M_real_only_data.pt"  # not downloaded
+    assert run_sample("a cat", "--ckpt", released) == 2
     assert "hf download" in capsys.readouterr().err
     # a VAE path recorded relative to another folder (or mistyped) is said to be one
     assert run_sample("a cat", "--ckpt", path, "--vae", "elsewhere/vae", "--clip",
@@ -806,7 +809,9 @@ def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
     torch.save(nn.Linear(2, 2), pickled)
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"PK\x03\x04 not really a zip")
-    for bad, says in [(cut, "cannot read it as safetensors"), (foreign, "not MicroDiT weights"),
+    text = tmp_path / "notes.pt"  # a wrong file given
+    text.write_text("# some notes\n")
+    for bad, says in [(text, "not a PyTorch checkpoint (its bytes do not unpickle)"),(cut, "cannot read it as safetensors"), (foreign, "not MicroDiT weights"),
                       (tensor, "not MicroDiT weights"),
                       (pickled, "holds Python objects, not only tensors"),
                       (damaged, "damaged (a disk error, a partial download or copy)")]:
@@ -1141,8 +1146,16 @@ def test_folder_with_nasty_inputs(tmp_path):
         "skipped": {"missing_caption": 1, "empty_caption": 1, "unreadable_image": 2},
         # the 16-bit image is grayscale too: counts are tags, one image can have several
         "converted": {"alpha_composited": 1, "cmyk": 1, "grayscale": 2, "high_bit_depth": 1,
-                      "non_utf8_caption": 1, "palette": 1, "upscaled": 1}}
+                      "non_utf8_caption": 1, "palette": 1, "upscaled": 1},
+        # the skipped records by name, so that they can be found and mended
+        "skipped_first": {"empty_caption": [os.path.join("sub", "h_empty_caption.png")],
+                          "missing_caption": [os.path.join("sub", "i_no_caption.png")],
+                          "unreadable_image": ["l_not_an_image.png",
+                                               os.path.join("sub", "deeper", "k_truncated.jpg")]},
+        "skipped_all": 'the "skipped" list of each shard-NNNNN.json'}
     assert json.load(open(out / "summary.json")) == summary
+    assert sorted(k for m in shard_manifests(out) for k, _ in m["skipped"]) == sorted(
+        k for keys in summary["skipped_first"].values() for k in keys)
     keys = [k for m in shard_manifests(out) for k in m["keys"]]
     captions = [c for m in shard_manifests(out) for c in m["captions"]]
     assert keys == ["a_rgb.png", "b_gray.png", "c_cmyk.jpg", "d_palette.png", "e_16bit.png",
@@ -1625,7 +1638,7 @@ def test_damaged_shards_are_found_when_the_data_opens(tmp_path, capsys):
     with pytest.raises(ValueError, match="index.json: not valid JSON"):
         data.LatentDataset(ours)
     assert data.main(["info", str(tmp_path / "nothere")]) == 2  # a message, not a traceback
-    assert "no index.json" in capsys.readouterr().err
+    assert "nothere: no such data folder" in capsys.readouterr().err
 
 
 def test_clear_errors(tmp_path):
@@ -2384,10 +2397,15 @@ def test_a_run_records_its_code_and_versions(train_data, tmp_path):
 
 
 def test_missing_data_is_a_message_not_a_stack_trace(tmp_path):
+    with pytest.raises(SystemExit, match="--demo is a phase-1 recipe"):
+        train.cli(["--demo", "--phase", "3", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="no training data: give --data"):
         train.cli(["--out", str(tmp_path), "--no-compile"])
-    with pytest.raises(SystemExit, match=r"error: .*nowhere: no index.json.*data.py prepare"):
+    with pytest.raises(SystemExit, match=r"error: .*nowhere: no such data folder"):
         train.cli(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--no-compile"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"error: .*empty: no index.json.*data.py prepare"):
+        train.cli(["--data", str(tmp_path / "empty"), "--out", str(tmp_path), "--no-compile"])
 
 
 def test_bad_flags_are_messages_not_stack_traces(train_data, tmp_path):
@@ -2714,6 +2732,18 @@ def test_fid_skips_an_undecodable_image_and_says_so(small_inception, tmp_path):
     assert ev.folder_fid(str(tmp_path / "real"), str(tmp_path / "fake"),
                          small_inception)["fid"] == pytest.approx(result["fid"])
     assert len(real) == 6
+
+
+def test_fid_leaves_out_sample_pys_grid(small_inception, tmp_path, capsys):
+    """sample.py writes grid.png beside NNNN_prompt.png: it is no generated image."""
+    fake = tmp_path / "fake"
+    for i, path in enumerate(write_images(fake, 1, [(40, 40)] * 4)):
+        os.rename(path, fake / f"{i:04d}_a_cat.png")
+    write_images(tmp_path / "real", 0, [(40, 40)] * 4)
+    alone = ev.folder_fid(str(tmp_path / "real"), str(fake), small_inception)
+    Image.new("RGB", (160, 40), (255, 0, 0)).save(fake / "grid.png")
+    beside = ev.folder_fid(str(tmp_path / "real"), str(fake), small_inception)
+    assert beside == alone and "grid.png left out" in capsys.readouterr().out
 
 
 @torch.no_grad()
@@ -3064,7 +3094,8 @@ def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, m
     os.remove(fake[1])
     ev.coco_generate(args["one"])
     assert fake[1].read_bytes() == pngs["one"][1]
-    with pytest.raises(ValueError, match="use another --out"):
+    with pytest.raises(ValueError, match=r"other settings \(seed \d+ then, 6 now\): use "
+                                         r"another --out$"):
         ev.coco_generate(ev.parse_args([str(a) for a in common + ["--seed", 6, "--out",
                                                                   tmp_path / "one"]]))
 
@@ -3089,6 +3120,9 @@ def test_coco_resume_and_scoring_refuse_what_would_mix(small_inception, pixel_ch
               tmp_path / "run"]
     ev.coco_generate(ev.parse_args([str(a) for a in common]))
     original, st = ckpt.read_bytes(), os.stat(ckpt)
+    with pytest.raises(FileNotFoundError, match="--captions .*nope.json: no such file"):
+        ev.coco_generate(ev.parse_args([str(a) for a in common[:4]] + [
+            str(tmp_path / "nope.json")] + [str(a) for a in common[5:]]))
     # the same name, other weights: images from two models would mix in one FID
     state = torch.load(ckpt, weights_only=True)
     state["model"]["final_layer.linear.weight"] += 1

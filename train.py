@@ -158,6 +158,11 @@ def resolve_config(args):
     """The phase recipe with every command-line override applied, as a plain dict."""
     cfg = dict(PHASES[args.phase], phase=args.phase, base_res=PHASES[1]["res"], **RUN_DEFAULTS)
     cfg["preset"] = args.preset or "MicroDiT_XL_2"
+    if args.demo and args.phase != 1:
+        raise ValueError(f"--demo is a phase-1 recipe (the CPU demo); mixing it with phase "
+                         f"{args.phase}'s values would train neither. For phase {args.phase} "
+                         f"of the demo run, drop --demo and give its --out (and --steps, "
+                         f"--batch-size, --micro-batch to fit a CPU)")
     if args.demo:  # a recipe a 2-core CPU finishes in minutes; still overridable below
         # no masking: at 64 patches it saves little and slows learning; P_mean 0 trains more
         # at the noise levels where the layout (which shape, where) is decided
@@ -465,8 +470,10 @@ def export_weights(cfg, path):
     weights = ckpt["ema"] or ckpt["model"]
     info = {k: ckpt[k] for k in ("model_config", "vae", "clip", "step")}
     info["weights"] = "ema" if ckpt["ema"] else "model"
-    save_file({k: v.contiguous() for k, v in weights.items()}, path,
-              metadata={"info": json.dumps(info)})
+    # atomic: never a half-written file under that name (save_file streams to the temporary
+    # file by its name; atomic_write's fsync covers it all the same)
+    atomic_write(path, lambda f: save_file({k: v.contiguous() for k, v in weights.items()},
+                                           f.name, metadata={"info": json.dumps(info)}))
     print(f"exported {info['weights']} weights of {found[-1]} to {path}")
 
 
