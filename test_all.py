@@ -476,6 +476,16 @@ def test_vae_golden_ldm_single_file():
     assert_matches_vae_golden(vae, vae_golden("vae_tiny_4ch"))
 
 
+def test_vae_pipeline_folder_loads_its_vae_subfolder(tmp_path):
+    """A whole diffusers pipeline folder (stable-diffusion-xl-base-1.0 as downloaded: a
+    model_index.json and no config.json at its root) is read through its vae/ sub-folder, the
+    same VAE as that sub-folder given directly."""
+    pipe = tmp_path / "pipe"
+    shutil.copytree(FIXTURES / "vae_tiny_4ch", pipe / "vae")
+    (pipe / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    assert_matches_vae_golden(load_vae(str(pipe)), vae_golden("vae_tiny_4ch"))
+
+
 def test_vae_ldm_ckpt_with_state_dict_wrapper_and_prefix(tmp_path):
     # the layout of a whole SD training checkpoint: pickled, wrapped, VAE under a prefix
     ldm = load_file(os.path.join(FIXTURES, "vae_tiny_4ch", "vae_ldm_format.safetensors"))
@@ -551,6 +561,21 @@ def test_vae_scaled_latents_with_shift():
     with torch.no_grad():
         decoded = vae.decode_from_scaled(vae.to_scaled(g["out.mean"]))
     torch.testing.assert_close(decoded, g["out.decoded_from_mean"], rtol=1e-5, atol=1e-5)
+
+
+def test_vae_config_without_scaling_factor_takes_the_diffusers_default(tmp_path):
+    """Early diffusers config.json files (SD 1.x VAEs) have no scaling_factor: diffusers then
+    scales by its default, 0.18215 (not the SDXL value 0.13025), and no shift; the weights
+    are the same as ever."""
+    shutil.copy(FIXTURES / "vae_tiny_4ch" / WEIGHTS, tmp_path)
+    config = json.loads((FIXTURES / "vae_tiny_4ch" / "config.json").read_text())
+    del config["scaling_factor"], config["shift_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    vae = load_vae(str(tmp_path))
+    assert (vae.scaling_factor, vae.shift_factor) == (0.18215, 0.0)
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vae.to_scaled(z), z * 0.18215, rtol=0, atol=0)
+    assert_matches_vae_golden(vae, vae_golden("vae_tiny_4ch"))
 
 
 def test_vae_posterior_sample_is_seeded_reparameterisation():
@@ -699,6 +724,34 @@ def test_long_prompt_warns_about_truncation():
         load_text_encoder("tiny-random").tokenize(["word " * 100])
 
 
+def test_caption_truncation_counts_the_start_and_end_tokens(tmp_path):
+    """The tower reads 77 tokens, start and end tokens included: a caption of 75 BPE tokens
+    is read whole, one of 76 loses its last word. The tokenizer's own output is the
+    reference (does every BPE token reach the ids?); only the cut caption warns, and
+    data.py counts it once in summary.json."""
+    from text import load_text_encoder
+    enc = load_text_encoder("tiny-random")
+    fits, cut = " ".join(["cat"] * 75), " ".join(["cat"] * 76)
+    for caption, whole in ((fits, True), (cut, False)):
+        tokens = enc.tokenizer.encode(caption)
+        ids = enc.tokenizer([caption])[0].tolist()
+        assert len(tokens) == (75 if whole else 76) and len(ids) == 77
+        assert (ids[1:1 + len(tokens)] == tokens) == whole
+    assert enc.truncated([fits, cut]) == [(78, cut)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.tokenize([fits])
+    with pytest.warns(UserWarning, match="prompt has 78 tokens and is truncated to 77"):
+        enc.tokenize([cut])
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for stem, caption in (("fits", fits), ("cut", cut)):
+        Image.new("RGB", (16, 16), (10, 200, 10)).save(src / f"{stem}.png")
+        (src / f"{stem}.txt").write_text(caption)
+    summary = run_prepare(src, tmp_path / "out")
+    assert summary["samples_written"] == 2 and summary["converted"] == {"caption_truncated": 1}
+
+
 # ----------------------------------------------------------------------------- sample.py
 
 @pytest.fixture(scope="module")
@@ -844,6 +897,103 @@ def test_sample_at_another_resolution_rebuilds_pos_embed(tiny_checkpoint):
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
 
 
+def test_train_checkpoint_samples_with_its_ema_weights(tmp_path):
+    """A train.py checkpoint holds the trained weights ("model") and their EMA ("ema"):
+    sampling uses the EMA, as the paper samples its EMA models; the raw weights only while
+    there is no EMA yet (None before --ema-start)."""
+    import sample
+    cfg = PRESETS["MicroDiT_CPU_2"]
+    torch.manual_seed(0)
+    raw, ema = MicroDiT(cfg), MicroDiT(cfg)
+    for p in [*raw.parameters(), *ema.parameters()]:
+        torch.nn.init.normal_(p, std=0.05)
+    common = {"model": raw.state_dict(), "model_config": dataclasses.asdict(cfg),
+              "vae": None, "clip": "tiny-random", "step": 5}
+    x, t, y = torch.randn(1, 4, 16, 16), torch.randn(1), torch.randn(1, 77, 256)
+    for name, stored, expected in (("ema", ema.state_dict(), ema), ("none", None, raw)):
+        torch.save({**common, "ema": stored}, tmp_path / f"{name}.pt")
+        net, info = sample.load_dit(str(tmp_path / f"{name}.pt"))
+        assert info["step"] == 5
+        want = expected.state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in net.state_dict().items())
+        assert torch.equal(net(x, t, y)[0], expected.eval()(x, t, y)[0])
+
+
+def test_sampling_defaults_are_the_papers(monkeypatch):
+    """Without flags sample.py runs the released pipeline's 30 Heun steps at guidance 5."""
+    import sample
+    seen = []
+    monkeypatch.setattr(sample, "run", lambda args: seen.append(args) or 0)
+    assert sample.main(["a cat"]) == 0
+    assert (seen[0].steps, seen[0].cfg) == (30, 5.0)
+
+
+def test_sample_batches_take_their_own_slice_of_the_seeded_noise(tiny_checkpoint, tmp_path):
+    """One seeded randn for all the images; each --batch-size batch takes its own rows of it,
+    so the images do not depend on the batch size: three prompts one at a time are the
+    same PNGs as the three in one batch."""
+    path, _ = tiny_checkpoint
+    prompts = ["a red circle", "a blue square", "a green cross"]
+    common = [*prompts, "--ckpt", path, "--vae", FIXTURES / "vae_tiny_4ch", "--clip",
+              "tiny-random", "--steps", 1, "--no-grid", "--seed", 4]
+    for batch in (1, 3):
+        assert run_sample(*common, "--batch-size", batch, "--out", tmp_path / str(batch)) == 0
+    names = [f"{i:04d}_{p.replace(' ', '_')}.png" for i, p in enumerate(prompts)]
+    for name in names:
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "3" / name).read_bytes()
+    assert len({(tmp_path / "1" / n).read_bytes() for n in names}) == 3
+
+
+def test_sample_n_groups_the_copies_of_each_prompt(tiny_checkpoint, tmp_path):
+    """--n 2 with prompts a and b: the files are a, a, b, b in that order (each prompt's
+    copies together, as the grid's rows of --n show them), each copy its own noise."""
+    path, _ = tiny_checkpoint
+    assert run_sample("a", "b", "--n", 2, "--ckpt", path, "--vae", FIXTURES / "vae_tiny_4ch",
+                      "--clip", "tiny-random", "--steps", 1, "--no-grid",
+                      "--out", tmp_path) == 0
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["0000_a.png", "0001_a.png", "0002_b.png", "0003_b.png"]
+    assert [Image.open(tmp_path / n).text["prompt"] for n in names] == ["a", "a", "b", "b"]
+    assert [Image.open(tmp_path / n).text["index"] for n in names] == ["0", "1", "2", "3"]
+    assert (tmp_path / names[0]).read_bytes() != (tmp_path / names[1]).read_bytes()
+
+
+def test_sample_res_with_a_vae_divides_by_its_downsampling(tiny_checkpoint, tmp_path):
+    """--res is in pixels: the latent side is res / 2^(levels - 1) of the VAE (2 for the
+    two-level fixture, 8 for SDXL's four levels). --res 48 on the 32 px model: 24x24 latents,
+    a 48x48 PNG equal to the pipeline built by hand at that latent size."""
+    import sample
+    from text import load_text_encoder
+    path, _ = tiny_checkpoint
+    vae_dir = FIXTURES / "vae_tiny_4ch"
+    assert run_sample("a red circle", "--ckpt", path, "--vae", vae_dir, "--clip", "tiny-random",
+                      "--res", 48, "--steps", 1, "--seed", 2, "--no-grid",
+                      "--out", tmp_path) == 0
+    png = Image.open(tmp_path / "0000_a_red_circle.png")
+    assert png.size == (48, 48)
+    net, _ = sample.load_dit(str(path), latent_size=24)
+    images = sample.generate(net, load_text_encoder("tiny-random"), load_vae(vae_dir),
+                             ["a red circle"], seed=2, steps=1, cfg=5.0, batch_size=16,
+                             device="cpu")
+    assert np.array_equal(np.asarray(png), np.asarray(sample.to_pil(images[0])))
+
+
+def test_generate_returns_the_sampler_output_mapped_to_unit_range_and_clamped(pixel_checkpoint):
+    """generate()'s images are (heun_sample(...) / 2 + 0.5) clamped to [0, 1] as tensors,
+    before any PNG rounding (eval.py's shapes metric reads them as they are)."""
+    import sample
+    from text import load_text_encoder
+    net, _ = sample.load_dit(str(pixel_checkpoint))
+    encoder = load_text_encoder("tiny-random")
+    prompts = ["a red circle", "a blue square"]
+    images = sample.generate(net, encoder, None, prompts, seed=3, steps=2, cfg=2.0,
+                             batch_size=2, device="cpu")
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    raw = heun_sample(net, noise, encoder.encode(prompts), steps=2, cfg=2.0)
+    assert (raw < -1).any() and (raw > 1).any()  # the clamp is exercised at both ends
+    assert torch.equal(images, (raw / 2 + 0.5).clamp(0, 1))
+
+
 # ----------------------------------------------------------------------------- data
 
 VAE_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "vae_tiny_4ch")
@@ -918,6 +1068,19 @@ def test_demo_attributes_deterministic_and_captions_match():
                         (data.POSITIONS, "position")]:
         assert {getattr(a, name) for a in attrs} == set(vocab)
     assert len(data.SHAPES) >= 3 and len(data.COLORS) >= 6
+
+
+def test_demo_seeds_give_unrelated_sets():
+    """Sample i of seed s has a generator of its own, seeded by (s, i): another seed is
+    another draw, not the same set again or shifted by a few samples (as seeding with i, or
+    s + i, would give), and sample 0 differs across seeds."""
+    a = [data.caption_of(data.demo_attributes(7, i)) for i in range(300)]
+    b = [data.caption_of(data.demo_attributes(8, i)) for i in range(300)]
+    for shift in range(-10, 11):  # 2,800 captions: about 0.1 coincide by chance
+        pairs = zip(a[max(shift, 0):], b[max(-shift, 0):])
+        assert sum(x == y for x, y in pairs) <= 3, shift
+    firsts = {data.caption_of(data.demo_attributes(seed, 0)) for seed in range(20)}
+    assert len(firsts) >= 18
 
 
 def test_render_shows_the_captioned_colour_at_the_captioned_place():
@@ -1084,6 +1247,24 @@ def test_min_size_skips_small_images_instead_of_upscaling(tmp_path):
         run_prepare(src, tmp_path / "all", res=[16], min_size=20)
     with pytest.raises(ValueError, match="--min-size -1: must be 0"):
         run_prepare(src, tmp_path / "neg", res=[16], min_size=-1)
+
+
+def test_upscaled_counts_each_image_once_against_the_largest_resolution(tmp_path):
+    """An image counts as upscaled when its short side is below the largest --res: with
+    --res 8 16 a 12 px image counts once (it is only shrunk for 8), a 6 px one once too
+    though both resolutions enlarge it, 16 and 20 px ones not at all."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for stem, size in {"a12": (12, 30), "b6": (6, 6), "c16": (16, 16), "d20": (24, 20)}.items():
+        _save(Image.new("RGB", size, (20, 20, 200)), src / f"{stem}.png")
+        (src / f"{stem}.txt").write_text(f"a blue {stem}")
+    summary = run_prepare(src, tmp_path / "out", res=[8, 16])
+    assert summary["samples_written"] == 4 and summary["converted"] == {"upscaled": 2}
+    only = src.parent / "only"
+    only.mkdir()
+    for f in ("a12.png", "a12.txt"):
+        shutil.copy(src / f, only)
+    assert run_prepare(only, tmp_path / "one", res=[8, 16])["converted"] == {"upscaled": 1}
 
 
 def test_to_rgb_scales_float_and_16bit_images(tmp_path):
@@ -1439,6 +1620,23 @@ def test_prepare_split_over_ranks_equals_one_process(tmp_path):
     assert _all_outputs(tmp_path / "one") == _all_outputs(tmp_path / "two")
 
 
+def test_prepare_rank_writes_exactly_its_own_shards(tmp_path, monkeypatch):
+    """Shard i belongs to rank i % world_size: rank 1 of 2 writes shards 1 and 3 of 4 and
+    nothing of rank 0's (two ranks writing one shard would race for its files)."""
+    written = []
+    real_write_shard = data.write_shard
+    monkeypatch.setattr(data, "write_shard", lambda out, i, *a: (written.append(i),
+                                                                 real_write_shard(out, i, *a)))
+    assert run_prepare("demo", tmp_path / "two", rank=1, world_size=2, n=10,
+                       shard_size=3) is None
+    assert written == [1, 3]
+    assert sorted(f for f in os.listdir(tmp_path / "two") if f.startswith("shard-")
+                  and f.endswith(".json")) == ["shard-00001.json", "shard-00003.json"]
+    keys = [json.loads((tmp_path / "two" / f"shard-0000{i}.json").read_text())["keys"]
+            for i in (1, 3)]
+    assert keys == [[f"shapes-{i:07d}" for i in range(3, 6)], ["shapes-0000009"]]
+
+
 def test_ddp_ranks_are_disjoint_and_cover_each_epoch(tmp_path):
     root = id_dataset(tmp_path / "ids", 120)
     world = 3
@@ -1530,16 +1728,20 @@ def test_caption_drop_rate_and_kept_captions_are_the_stored_ones(tmp_path):
     assert all((next(never)["captions"] != 0).any(dim=2).all() for _ in range(20))
 
 
-def _write_mds(root, shards, compression=None):
+def _write_mds(root, shards, compression=None, encodings=None):
     """A tiny MosaicML MDS writer (format version 2, uncompressed): the paper's columns, each
-    shard in its own sub-folder the way merge_index lays out the paper's precompute output."""
+    shard in its own sub-folder the way merge_index lays out the paper's precompute output.
+    `encodings` overrides a column's: 'ndarray:float16:<shape>' makes it a fixed-size column,
+    whose size is in column_sizes and not in each sample's header, as MDSWriter writes it."""
     columns = {"caption": "str", "caption_latents": "bytes", "latents_256": "bytes",
-               "latents_512": "bytes"}
+               "latents_512": "bytes", **(encodings or {})}
     names = sorted(columns)
+    sizes = [2 * math.prod(int(d) for d in columns[n].split(":")[2].split(","))
+             if columns[n].startswith("ndarray:float16:") else None for n in names]
     config = {"version": 2, "format": "mds", "compression": compression, "hashes": [],
               "size_limit": 1 << 26, "column_names": names,
               "column_encodings": [columns[n] for n in names],
-              "column_sizes": [None] * len(names)}
+              "column_sizes": sizes}
     config_bytes = json.dumps(config, sort_keys=True).encode()
     infos = []
     for i, samples in enumerate(shards):
@@ -1547,8 +1749,9 @@ def _write_mds(root, shards, compression=None):
         for sample in samples:
             fields = [sample[n].encode() if isinstance(sample[n], str) else sample[n].tobytes()
                       for n in names]
-            encoded.append(np.array([len(f) for f in fields], np.uint32).tobytes()
-                           + b"".join(fields))
+            assert all(size in (None, len(f)) for size, f in zip(sizes, fields))
+            encoded.append(np.array([len(f) for f, size in zip(fields, sizes) if size is None],
+                                    np.uint32).tobytes() + b"".join(fields))
         n = len(encoded)
         offsets = (4 + 4 * (n + 1) + len(config_bytes)
                    + np.concatenate([[0], np.cumsum([len(e) for e in encoded])]))
@@ -1596,6 +1799,33 @@ def test_mds_shards_read_like_ours(tmp_path):
     compressed = _write_mds(tmp_path / "zstd", [samples[:3]], compression="zstd")
     with pytest.raises(ValueError, match="compressed"):
         data.LatentDataset(compressed)
+
+
+def test_mds_fixed_size_ndarray_columns_read_like_bytes_ones(tmp_path):
+    """MDSWriter's 'ndarray:float16:<shape>' columns have a fixed size: it is in the
+    shard's column_sizes, not in each sample's header, and the shape is in the encoding.
+    Between variable-size columns (the caption before, latents_512 after), every row must
+    read back as the array stored."""
+    rng = np.random.default_rng(8)
+    samples = [{"caption": "y" * int(rng.integers(1, 30)) + f" {i}",  # odd offsets again
+                "caption_latents": rng.standard_normal((77, 8)).astype(np.float16),
+                "latents_256": rng.standard_normal((4, 32, 32)).astype(np.float16),
+                "latents_512": rng.standard_normal((4, 64, 64)).astype(np.float16)}
+               for i in range(7)]
+    fixed = {"caption_latents": "ndarray:float16:77,8", "latents_256": "ndarray:float16:4,32,32"}
+    mds = _write_mds(tmp_path / "mds", [samples[:4], samples[4:]], encodings=fixed)
+    index = json.loads((tmp_path / "mds" / "index.json").read_text())
+    assert index["shards"][0]["column_sizes"] == [None, 77 * 8 * 2, 4 * 32 * 32 * 2, None]
+    dataset = data.LatentDataset(mds)
+    assert dataset.columns == {data.CAPTION_COLUMN: (77, 8), "latents_256": (4, 32, 32),
+                               "latents_512": (4, 64, 64)}
+    assert [dataset.caption(i) for i in range(7)] == [s["caption"] for s in samples]
+    for res in (256, 512):
+        batch = next(LatentLoader(mds, res, 7, caption_drop_prob=0.0, prefetch=0))
+        expected = np.stack([s[f"latents_{res}"] for s in samples]).astype(np.float32)
+        np.testing.assert_array_equal(batch["latents"].numpy(), expected)
+        expected = np.stack([s["caption_latents"] for s in samples]).astype(np.float32)
+        np.testing.assert_array_equal(batch["captions"].numpy(), expected)
 
 
 def test_damaged_shards_are_found_when_the_data_opens(tmp_path, capsys):
@@ -2693,6 +2923,20 @@ def test_shapes_metric_reads_renderings_back():
     assert shuffled["all"] < 0.2 and shuffled["position"] < 0.5
 
 
+def test_shapes_templates_leave_out_the_background_colour():
+    """The templates of a background are every shape, size and position in each of the 7
+    other colours (350), rendered: a shape in the background's own colour is no image."""
+    from eval import templates
+    attrs, bank = templates("blue", 16)
+    expected = {data.ShapeAttributes(s, c, z, p, "blue") for s in data.SHAPES
+                for c in data.COLORS if c != "blue" for z in data.SIZES for p in data.POSITIONS}
+    assert len(attrs) == len(set(attrs)) == 5 * 7 * 2 * 5 and set(attrs) == expected
+    assert bank.shape == (350, 3, 16, 16)
+    for a, image in list(zip(attrs, bank))[::23]:
+        pixels = torch.from_numpy(np.array(data.render_shapes(a, 16))).permute(2, 0, 1) / 255
+        assert torch.equal(image, pixels)
+
+
 import eval as ev  # noqa: E402
 import inception  # noqa: E402
 
@@ -2965,6 +3209,30 @@ def test_clip_score_equals_a_slow_reference_and_clamps_at_zero(tmp_path):
         ev.clip_score(scorer, paths, CAPTIONS))
 
 
+def test_clip_score_pairs_each_image_with_its_caption_across_feature_batches(tmp_path):
+    """53 images go through the scorer as a batch of FEATURE_BATCH (50) and one of 3; every
+    image, in either batch, is scored against its own caption: the score is the mean of the
+    cosines computed one image at a time, each clamped at 0."""
+    scorer = ev.load_clip_scorer(ev.TINY_RANDOM)
+    assert ev.FEATURE_BATCH == 50
+    rng = np.random.default_rng(1)
+    paths, captions = [], [f"{CAPTIONS[i % len(CAPTIONS)]} number {i}" for i in range(53)]
+    for i in range(53):
+        paths.append(tmp_path / f"{i:02d}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    images = [Image.open(p) for p in paths]
+
+    def alone(i, caption):
+        return float(ev.clip_cosines(scorer, [images[i]], [caption])[0])
+    own = [alone(i, c) for i, c in enumerate(captions)]
+    assert ev.clip_score(scorer, paths, captions) == pytest.approx(
+        np.mean(np.maximum(own, 0)), rel=1e-5)
+    # not vacuous: the last 3 scored with the first batch's first captions give another score
+    mispaired = own[:50] + [alone(50 + j, captions[j]) for j in range(3)]
+    assert np.mean(np.maximum(mispaired, 0)) != pytest.approx(np.mean(np.maximum(own, 0)),
+                                                              rel=1e-4)
+
+
 def test_tiny_random_clip_is_fixed_by_its_seed_and_the_spec_is_checked():
     a, b = ev.tiny_random_clip(), ev.tiny_random_clip()
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
@@ -3033,6 +3301,14 @@ def test_coco_captions_are_a_seeded_nested_choice(tmp_path):
     assert first["image_id"] not in {c["image_id"] for c in remaining}
     with pytest.raises(ValueError, match="only 5 captioned images"):
         ev.choose_captions(captions_json, 6)
+
+
+def test_coco_defaults_are_the_papers():
+    """The COCO protocol samples as the released pipeline does unless told otherwise: 30 Heun
+    steps, guidance 5, 30,000 images."""
+    args = ev.parse_args(["coco", "--ckpt", "m.pt", "--captions", "c.json", "--images", "val",
+                          "--out", "o"])
+    assert (args.steps, args.cfg, args.n) == (30, 5.0, 30000)
 
 
 def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, monkeypatch,
@@ -3183,6 +3459,26 @@ def test_shapes_frechet_distance():
     assert not torch.equal(weights(0)[0], weights(1)[0])
 
 
+def test_shapes_features_see_the_images_mapped_to_minus_one_one():
+    """The Frechet distance of shapes_frechet equals one computed here from features made
+    step by step: the [0, 1] images resized to 32 px (bilinear), mapped to [-1, 1] by 2x - 1,
+    through the four stride-2 3x3 convolutions with ReLU, averaged over positions."""
+    real, other = renders(1, n=40), renders(2, n=40)
+    convs = [m for m in ev.shapes_feature_net() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 64]
+
+    def features(images):
+        x = F.interpolate(torch.stack(images), size=(32, 32), mode="bilinear",
+                          align_corners=False)
+        h = 2 * x - 1
+        for conv in convs:
+            h = F.conv2d(h, conv.weight, conv.bias, stride=2, padding=1).relu()
+        return h.mean(dim=(2, 3)).double()                              # (N, 64)
+    with torch.no_grad():
+        expected = reference_fid(features(real), features(other))
+    assert ev.shapes_frechet(real, other) == pytest.approx(expected, rel=1e-5)
+
+
 def test_eval_shapes_reports_the_frechet_distance_and_its_floor(pixel_checkpoint):
     scores, images, asked = ev.evaluate_shapes(str(pixel_checkpoint), n=6, seed=3, steps=2,
                                                cfg=2.0, device="cpu", train_data="none")
@@ -3244,6 +3540,24 @@ def test_bench_quick_mode_runs_and_reports_consistent_figures(tmp_path):
     assert masking["speedup"] == pytest.approx(rows[0.0]["ms_per_step"] / rows[0.75]["ms_per_step"])
     assert results["sample"]["network_calls"] == 5 and results["sample"]["seconds_per_image"] > 0
     assert results["data"]["samples_per_s"] > 0
+
+
+def test_bench_sampling_runs_with_guidance(monkeypatch):
+    """The sampling figure is for the paper's sampler, guidance 5: every network call sees
+    both halves of the guided batch, 2 x the sample batch, in 2 steps - 1 calls per run."""
+    import bench
+    batches = []
+    forward = MicroDiT.forward
+
+    def spy(self, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return forward(self, x, *args, **kwargs)
+    monkeypatch.setattr(MicroDiT, "forward", spy)
+    results = bench.main(["--quick", "--res", "64", "--sample-steps", "2", "--skip", "train",
+                          "data"])
+    s = results["sample"]
+    assert (s["cfg"], s["batch"], s["network_calls"]) == (5.0, 2, 3)
+    assert batches and set(batches) == {2 * 2} and len(batches) % 3 == 0
 
 
 def test_bench_profile_splits_the_step_time_by_kind(capsys):
