@@ -318,10 +318,19 @@ def clip_cosines(scorer, images, captions):
 
 
 def clip_score(scorer, items, captions, load=open_rgb):
-    """Mean over images of max(100 cos, 0), the images being load(item)."""
-    cosines = [clip_cosines(scorer, batch, captions[start:start + len(batch)]).cpu()
-               for start, batch in zip(range(0, len(items), FEATURE_BATCH),
-                                       image_batches(items, load))]
+    """Mean over images of max(100 cos, 0), the images being load(item); an image that
+    cannot be decoded (load gives None) is left out together with its caption."""
+    if len(items) != len(captions):
+        raise ValueError(f"{len(items)} images but {len(captions)} captions")
+    cosines = []
+    # each image travels with its caption: no batch arithmetic to keep the two in step
+    for batch in image_batches(list(zip(items, captions)), lambda ic: (load(ic[0]), ic[1])):
+        kept = [(image, caption) for image, caption in batch if image is not None]
+        if kept:
+            images, texts = zip(*kept)
+            cosines.append(clip_cosines(scorer, list(images), list(texts)).cpu())
+    if not cosines:
+        raise ValueError("no image could be decoded: nothing to score")
     return float(torch.cat(cosines).clamp(min=0).mean())
 
 

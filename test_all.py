@@ -2815,9 +2815,13 @@ def test_sample_refuses_pixel_space_for_a_latent_model(tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
-def run_train(args, out, processes=1, port=29517):
+def run_train(args, out, processes=1):
+    import socket
     import subprocess
     import sys
+    with socket.socket() as s:  # a free port: a fixed one fails when another suite runs
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                  f"--master_port={port}"] if processes > 1 else [sys.executable])
     done = subprocess.run([*launcher, "train.py", *[a.replace("OUT", str(out)) for a in args]],
@@ -3231,6 +3235,11 @@ def test_clip_score_pairs_each_image_with_its_caption_across_feature_batches(tmp
     mispaired = own[:50] + [alone(50 + j, captions[j]) for j in range(3)]
     assert np.mean(np.maximum(mispaired, 0)) != pytest.approx(np.mean(np.maximum(own, 0)),
                                                               rel=1e-4)
+    # an image that cannot be decoded leaves with its own caption; the rest stay paired
+    paths[10].write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="10.png: cannot be decoded, skipped"):
+        score = ev.clip_score(scorer, paths, captions)
+    assert score == pytest.approx(np.mean(np.maximum(own[:10] + own[11:], 0)), rel=1e-5)
 
 
 def test_tiny_random_clip_is_fixed_by_its_seed_and_the_spec_is_checked():
