@@ -1144,7 +1144,7 @@ def ensure_demo_data(out, master=True, res=32, n=PrepareConfig.n, seed=0):
 def absolute_sources(sources):
     """The same sources with every folder absolute, as a run records them: its checkpoints
     then find their data from any working directory."""
-    return ",".join(os.path.abspath(path) + ("" if weight == 1 else f":{weight:g}")
+    return ",".join(os.path.abspath(path) + ("" if weight == 1 else f":{weight!r}")
                     for path, weight in parse_sources(sources))
 
 

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 import train
 from data import LatentDataset, ensure_demo_data, write_json
 from diffusion import edm_loss_per_sample
-from eval import evaluate_shapes
+from eval import evaluate_shapes, file_identity
 from model import PRESETS, DiTConfig, train_flops_per_image
 from sample import load_dit, slug
 
@@ -123,10 +123,12 @@ def held_out_loss(net, held_out, rows):
 
 
 def evaluate(folder, held_out, rows, images, steps):
-    """The run's figures, from its folder's result.json when they were made from the same
-    checkpoint with the same evaluation settings."""
+    """The run's figures, from its folder's result.json when they were made from the very
+    same checkpoint file (path, size, modification time: a run trained again is judged
+    again) with the same evaluation settings. A change to the evaluation code is not seen:
+    delete the result.json files (or give another --out) after one."""
     ckpt = train.checkpoints(train.phase_dir(folder, 1))[-1]
-    settings = {"checkpoint": os.path.basename(ckpt), "eval_images": images,
+    settings = {"checkpoint": file_identity(ckpt), "eval_images": images,
                 "eval_steps": steps, "held_out": HELD_OUT, "held_out_sigmas": HELD_OUT_SIGMAS}
     cache = os.path.join(folder, "result.json")
     if os.path.exists(cache):

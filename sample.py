@@ -128,8 +128,10 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as e:
-        detail = next((line for line in str(e).splitlines() if "Unsupported global" in line),
-                      None)
+        # what torch's weights-only unpickler says of Python objects it will not build
+        objects = ("Unsupported global", "unrecognized function", "Can only create new object")
+        detail = next((line for line in str(e).splitlines()
+                       if any(marker in line for marker in objects)), None)
         if detail is None:  # not a pickle at all (a text file, a cut-off download)
             raise ValueError(f"{path}: not a PyTorch checkpoint (its bytes do not unpickle); "
                              f"it is damaged or another kind of file") from None

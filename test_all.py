@@ -2132,7 +2132,7 @@ def test_later_phases_keep_the_run_scale_and_weights_keep_their_grid(train_data,
     assert ckpt["config"]["base_res"] == 8 and ckpt["model_config"]["pos_interp_scale"] == 2.0
 
 
-def test_records_name_local_paths_absolutely(train_data, tmp_path, monkeypatch):
+def test_records_name_local_paths_absolutely(train_data, tmp_path, monkeypatch, capsys):
     """A run started in one folder and continued (or sampled) from another: the data folder
     in its checkpoints and the encoders in index.json are absolute, hub ids and 'none' as
     given."""
@@ -2140,11 +2140,22 @@ def test_records_name_local_paths_absolutely(train_data, tmp_path, monkeypatch):
     rel = Path(train_data).name
     train.main(train_args(rel, tmp_path / "run", "--steps", "2", "--ckpt-every", "2"))
     assert final_checkpoint(tmp_path / "run")["config"]["data"] == train_data
+    # a checkpoint of before, with the folder as given, resumes without a change to report
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "run", old)
+    path = train.checkpoints(str(old / "phase1"))[-1]
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["data"] = rel
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    train.main(train_args(rel, old, "--steps", "3"))
+    assert "resuming with a changed recipe: steps 2 -> 3\n" in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)
     args = train_args("unused", tmp_path / "run", "--steps", "2", "--phase", "2")
     train.main(args[:args.index("--data")] + args[args.index("--data") + 2:])
     assert final_checkpoint(tmp_path / "run", 2)["config"]["data"] == train_data
     assert data.absolute_sources("a:0.6,b") == f"{tmp_path}/a:0.6,{tmp_path}/b"
+    assert data.absolute_sources("a:0.123456789") == f"{tmp_path}/a:0.123456789"
     assert data.parse_sources(data.absolute_sources("a:0.6,b")) == [
         (f"{tmp_path}/a", 0.6), (f"{tmp_path}/b", 1.0)]
     # prepare: the VAE by its absolute path
@@ -2155,17 +2166,28 @@ def test_records_name_local_paths_absolutely(train_data, tmp_path, monkeypatch):
     assert info["vae"] == str(FIXTURES / "vae_tiny_4ch") and info["clip"] == "tiny-random"
 
 
-def test_a_second_run_on_the_same_folder_is_refused(train_data, tmp_path):
+def test_a_second_run_on_the_same_folder_is_refused(train_data, tmp_path, monkeypatch):
     """Two runs on one --out would resume from the same checkpoint and overwrite each other's
-    checkpoints and log: while one holds the phase folder, another stops before writing."""
+    checkpoints and log: while one holds the phase, another stops before it reads or writes
+    anything."""
     import fcntl
     train.main(train_args(train_data, tmp_path, "--steps", "3"))
     folder = tmp_path / "phase1"
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    with open(folder / ".lock", "w") as other:  # what the other run's process holds
+    with open(tmp_path / ".phase1.lock", "w") as other:  # what the other run's process holds
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit, match="in use by another train.py run"):
-            train.main(train_args(train_data, tmp_path, "--steps", "6"))
+        with monkeypatch.context() as m:
+            m.setattr(train, "load_checkpoint", lambda path: 1 / 0)  # not even read
+            with pytest.raises(SystemExit, match="phase1 is in use by another train.py run"):
+                train.main(train_args(train_data, tmp_path, "--steps", "6"))
+        # under torchrun every rank stops with the message (and torchrun's summary names it
+        # for each), not only the rank holding the lock while the others die waiting on it
+        done = run_train(train_args(train_data, "OUT", "--steps", "6"), tmp_path, processes=2,
+                         expect=1)
+        for rank in (0, 1):
+            summary = done.stderr.split(f"rank      : {rank}")[1].split("=====")[0]
+            assert "SystemExit: " in summary and "is in use by another train.py run" in summary
+        assert "Connection closed" not in done.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
     train.main(train_args(train_data, tmp_path, "--steps", "6"))  # the other one ended
     assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4, 5, 6]
@@ -2301,6 +2323,8 @@ def test_checkpoint_snapshot_is_written_as_of_the_save_and_copied_once(tmp_path,
     weight, moment = torch.arange(6.0).reshape(2, 3), torch.ones(3)
     model = {"w": weight, "step_count": 5}
     assert train.gathered(model)["w"] is weight  # no copy unless asked (sample grids, CPU)
+    # the ranks that do not save copy nothing (a meta tensor cannot be copied: it would raise)
+    assert train.gathered({"w": torch.empty(3, device="meta")}, keep=False, copy=True) is None
     snapshot = train.gathered(model, copy=True)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
     opt.state[opt.param_groups[0]["params"][0]]["exp_avg"] = moment
@@ -2815,7 +2839,7 @@ def test_sample_refuses_pixel_space_for_a_latent_model(tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
-def run_train(args, out, processes=1):
+def run_train(args, out, processes=1, expect=0):
     import socket
     import subprocess
     import sys
@@ -2827,7 +2851,8 @@ def run_train(args, out, processes=1):
     done = subprocess.run([*launcher, "train.py", *[a.replace("OUT", str(out)) for a in args]],
                           cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == (expect == 0), done.stderr[-3000:]
+    return done
 
 
 def assert_same_weights(a, b):
@@ -3700,7 +3725,15 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "evaluate_shapes", lambda *a, **k: 1 / 0)
     experiments.main(argv)
     assert json.loads((out / "results.json").read_text()) == results
+    # ... but not those of a run whose checkpoint is another file now (trained again)
+    last = train.checkpoints(str(Path(experiments.run_folder(out, results[1]["name"], 2, 8, 0))
+                                 / "phase1"))[-1]
+    os.utime(last, ns=(0, os.stat(last).st_mtime_ns + 10 ** 9))
+    with pytest.raises(ZeroDivisionError):
+        experiments.main(argv)
     monkeypatch.undo()
+    experiments.main(argv)  # judged again: the same file content gives the same figures
+    assert json.loads((out / "results.json").read_text()) == results
     assert [r["name"] for r in results] == ["deferred 75% (mixer)", "token-choice top-2",
                                             "no layer-wise scaling"]
     table = (out / "results.md").read_text()

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 
 import numpy
 import torch
@@ -161,8 +161,8 @@ def resolve_config(args):
     if args.demo and args.phase != 1:
         raise ValueError(f"--demo is a phase-1 recipe (the CPU demo); mixing it with phase "
                          f"{args.phase}'s values would train neither. For phase {args.phase} "
-                         f"of the demo run, drop --demo and give its --out (and --steps, "
-                         f"--batch-size, --micro-batch to fit a CPU)")
+                         f"of the demo run, drop --demo and give its --out and --data demo "
+                         f"(and --steps, --batch-size, --micro-batch to fit a CPU)")
     if args.demo:  # a recipe a 2-core CPU finishes in minutes; still overridable below
         # no masking: at 64 patches it saves little and slows learning; P_mean 0 trains more
         # at the noise levels where the layout (which shape, where) is decided
@@ -227,6 +227,8 @@ def resumed_config(cfg, given, saved, note):
     sets again: a command without the original --steps or --lr does not change the
     schedule. Changes asked for are listed."""
     cfg = dict(cfg)
+    if saved.get("data") not in (None, "demo"):  # runs before 2026-11-26 kept it as given
+        saved = {**saved, "data": absolute_sources(saved["data"])}
     changed = []
     for key in RECIPE_KEYS:
         if key not in saved:
@@ -387,6 +389,12 @@ class CheckpointWriter:
             self.error = CheckpointWriteError(
                 f"writing the checkpoint of step {state['step']} to {folder} failed "
                 f"({type(e).__name__}: {e}); the earlier checkpoints there are intact")
+
+    def wait(self):
+        """Wait for the write in flight (on the way out of a failed run: its error, if any,
+        is not raised over the one that ended the run)."""
+        if self.thread is not None:
+            self.thread.join()
 
     def close(self):
         """Wait for the write in flight, and raise its error if it failed."""
@@ -556,7 +564,7 @@ def gathered(state, keep=True, copy=False):
             v = v.full_tensor()  # freed at once where it is not kept
             # from a GPU .to copies; a replicated DTensor on the CPU may hand back its own
             v = v.to("cpu", copy=copy and v.device.type == "cpu") if keep else None
-        elif copy and isinstance(v, torch.Tensor):
+        elif copy and keep and isinstance(v, torch.Tensor):
             v = v.detach().to("cpu", copy=True)
         whole[k] = v
     return whole if keep else None
@@ -658,24 +666,26 @@ def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device, dtyp
             m.to("cpu")
 
 
-@contextmanager
-def run_lock(folder):
-    """An exclusive lock on a phase folder while a run writes to it: a second run on the same
-    --out (started twice by hand, or requeued by a scheduler while the first is still alive)
-    would resume from the same checkpoint and overwrite the other's checkpoints and log. The
-    operating system drops the lock when the process ends, however it ends. Where the file
-    system has no locks (Windows, some network file systems) the run goes on without one."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".lock"), "w") as f:
-        try:
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.exit(f"{folder} is in use by another train.py run (it holds {f.name}); wait "
-                     f"for it to end or stop it, or give another --out")
-        except (ImportError, OSError):
-            pass
-        yield
+def take_run_lock(held, out, phase):
+    """An exclusive lock on a phase of a run, held until `held` (an ExitStack) closes: a
+    second run on the same --out (started twice by hand, or requeued by a scheduler while
+    the first is still alive) would resume from the same checkpoint and overwrite the other's
+    checkpoints and log. The lock file sits beside the phase folders (out/.phaseN.lock), so
+    a run refused or stopped before it begins leaves no phase folder. The operating system
+    drops the lock when the process ends, however it ends. Where the file system has no
+    locks (Windows, some network file systems) the run goes on without one. Returns None,
+    or why the phase cannot be taken."""
+    os.makedirs(out, exist_ok=True)
+    f = held.enter_context(open(os.path.join(out, f".phase{phase}.lock"), "w"))
+    try:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return (f"{phase_dir(out, phase)} is in use by another train.py run (it holds "
+                f"{f.name}); wait for it to end or stop it, or give another --out")
+    except (ImportError, OSError):
+        pass
+    return None
 
 
 # ----------------------------------------------------------------------------- main
@@ -696,6 +706,12 @@ def train_phase(argv, held):
 
     rank, world, local_rank, device = setup_distributed()
     master = rank == 0
+    # rank 0 takes the phase before reading anything, and every rank hears whether it did
+    refused = [take_run_lock(held, cfg["out"], cfg["phase"]) if master else None]
+    if world > 1:
+        dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        sys.exit(refused[0])
 
     # --- where this phase starts from: its own latest checkpoint (a resume), --init, or the
     # previous phase's end
@@ -732,7 +748,7 @@ def train_phase(argv, held):
     if saved.get("base_res") and not resume and "res" not in given:
         cfg["res"] = saved["base_res"] * PHASES[cfg["phase"]]["res"] // PHASES[1]["res"]
     if not cfg["data"] and saved.get("data"):
-        cfg["data"] = saved["data"]
+        cfg["data"] = absolute_sources(saved["data"])
         if master:
             print(f"--data: {cfg['data']}, the data the starting checkpoint trained on")
             if cfg["res"] > saved.get("res", cfg["res"]):
@@ -854,11 +870,7 @@ def train_phase(argv, held):
 
     flops_per_image = train_flops_per_image(model_cfg, H, cfg["mask_ratio"])
     peak = peak_flops(device)
-    if master:  # the first write to the folder
-        held.enter_context(run_lock(folder))
-        if checkpoints(folder) != existing:
-            sys.exit(f"another run wrote checkpoints to {folder} while this one started; "
-                     f"start it again to resume from the latest")
+    if master:
         record_run(folder, step, {"run": cfg, "model": dataclasses.asdict(model_cfg),
                                   "world_size": world, "accumulation": accum,
                                   **environment(device)})
@@ -882,6 +894,7 @@ def train_phase(argv, held):
     # every wait leaves the GPU idle while the host queues the next step
     pending, t_read = [], time.perf_counter()
     writer = CheckpointWriter(background=device.type == "cuda")
+    held.callback(writer.wait)  # a write in flight ends before the lock is let go
     while step < end:
         phase_step = step - phase_start
         lr = learning_rate(cfg, phase_step)
