@@ -1778,18 +1778,8 @@ def test_mds_shards_read_like_ours(tmp_path):
                 "latents_512": rng.standard_normal((4, 64, 64)).astype(np.float16)}
                for i in range(11)]
     mds = _write_mds(tmp_path / "mds", [samples[:6], samples[6:]])
-    dataset = data.LatentDataset(mds)
-    assert dataset.kind == "mds" and dataset.num_samples == 11
-    assert dataset.columns == {data.CAPTION_COLUMN: (77, 8), "latents_256": (4, 32, 32),
-                               "latents_512": (4, 64, 64)}
-    assert [dataset.caption(i) for i in range(11)] == [s["caption"] for s in samples]
-    for res in (256, 512):
-        # one batch of everything: ids come sorted, so it is the dataset in order
-        batch = next(LatentLoader(mds, res, 11, caption_drop_prob=0.0, prefetch=0))
-        expected = np.stack([s[f"latents_{res}"] for s in samples]).astype(np.float32)
-        np.testing.assert_array_equal(batch["latents"].numpy(), expected)
-        expected = np.stack([s["caption_latents"] for s in samples]).astype(np.float32)
-        np.testing.assert_array_equal(batch["captions"].numpy(), expected)
+    assert data.LatentDataset(mds).kind == "mds"
+    assert_mds_reads_back(mds, samples)
     # the same loader mixes MDS with our shards
     ours = make_dataset(tmp_path / "ours", np.full((20, 4, 32, 32), 7.0), res=256)
     mixed = LatentLoader(f"{mds}:1,{ours}:1", 256, 32, prefetch=0, caption_drop_prob=0.0)
@@ -1799,6 +1789,22 @@ def test_mds_shards_read_like_ours(tmp_path):
     compressed = _write_mds(tmp_path / "zstd", [samples[:3]], compression="zstd")
     with pytest.raises(ValueError, match="compressed"):
         data.LatentDataset(compressed)
+
+
+def assert_mds_reads_back(mds, samples):
+    """Every column of every sample of an MDS folder reads back as the array stored."""
+    dataset = data.LatentDataset(mds)
+    assert dataset.num_samples == len(samples)
+    assert dataset.columns == {data.CAPTION_COLUMN: (77, 8), "latents_256": (4, 32, 32),
+                               "latents_512": (4, 64, 64)}
+    assert [dataset.caption(i) for i in range(len(samples))] == [s["caption"] for s in samples]
+    for res in (256, 512):
+        # one batch of everything: ids come sorted, so it is the dataset in order
+        batch = next(LatentLoader(mds, res, len(samples), caption_drop_prob=0.0, prefetch=0))
+        expected = np.stack([s[f"latents_{res}"] for s in samples]).astype(np.float32)
+        np.testing.assert_array_equal(batch["latents"].numpy(), expected)
+        expected = np.stack([s["caption_latents"] for s in samples]).astype(np.float32)
+        np.testing.assert_array_equal(batch["captions"].numpy(), expected)
 
 
 def test_mds_fixed_size_ndarray_columns_read_like_bytes_ones(tmp_path):
@@ -1816,16 +1822,7 @@ def test_mds_fixed_size_ndarray_columns_read_like_bytes_ones(tmp_path):
     mds = _write_mds(tmp_path / "mds", [samples[:4], samples[4:]], encodings=fixed)
     index = json.loads((tmp_path / "mds" / "index.json").read_text())
     assert index["shards"][0]["column_sizes"] == [None, 77 * 8 * 2, 4 * 32 * 32 * 2, None]
-    dataset = data.LatentDataset(mds)
-    assert dataset.columns == {data.CAPTION_COLUMN: (77, 8), "latents_256": (4, 32, 32),
-                               "latents_512": (4, 64, 64)}
-    assert [dataset.caption(i) for i in range(7)] == [s["caption"] for s in samples]
-    for res in (256, 512):
-        batch = next(LatentLoader(mds, res, 7, caption_drop_prob=0.0, prefetch=0))
-        expected = np.stack([s[f"latents_{res}"] for s in samples]).astype(np.float32)
-        np.testing.assert_array_equal(batch["latents"].numpy(), expected)
-        expected = np.stack([s["caption_latents"] for s in samples]).astype(np.float32)
-        np.testing.assert_array_equal(batch["captions"].numpy(), expected)
+    assert_mds_reads_back(mds, samples)
 
 
 def test_damaged_shards_are_found_when_the_data_opens(tmp_path, capsys):
