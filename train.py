@@ -691,8 +691,8 @@ def take_run_lock(held, out, phase):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    """Train one phase, or export weights (--export); the phase folder's lock is held until
-    this returns or raises."""
+    """Train one phase, or export weights (--export); the phase's lock (take_run_lock) is
+    held until this returns or raises."""
     with ExitStack() as held:
         return train_phase(argv, held)
 
