@@ -49,8 +49,10 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 from tqdm import tqdm
 
-from text import DEFAULT_CLIP, DOWNLOAD as CLIP_DOWNLOAD, TINY_RANDOM, load_text_encoder
-from vae import DOWNLOAD as VAE_DOWNLOAD, load_vae
+import text as text_lib
+import vae as vae_lib
+from text import DEFAULT_CLIP, TINY_RANDOM, load_text_encoder
+from vae import load_vae
 
 FORMAT = "microdit-shards"
 FORMAT_VERSION = 1
@@ -513,9 +515,9 @@ class Encoders:
             self.text = load_text_encoder(clip, device=device, dtype=dtype)
         except FileNotFoundError as e:  # weights not downloaded yet, most often
             raise FileNotFoundError(f"{e}\nThe paper's encoders, downloaded once:\n"
-                                    f"    {VAE_DOWNLOAD}\n    {CLIP_DOWNLOAD}\nthen give "
-                                    f"--vae weights/sdxl/vae --clip "
-                                    f"weights/clip/open_clip_model.safetensors") from None
+                                    f"    {vae_lib.DOWNLOAD}\n    {text_lib.DOWNLOAD}\nthen give "
+                                    f"--vae {vae_lib.DOWNLOADED} --clip "
+                                    f"{text_lib.DOWNLOADED}") from None
 
     @torch.inference_mode()
     def images(self, pixels, keys, res, seed):
@@ -721,6 +723,12 @@ def _settings(cfg, fmt, shards, dtype):
             ).hexdigest()}
 
 
+def settings_changes(old, new):
+    """What differs between two settings dicts, as 'key: old then, new now' lines."""
+    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now"
+            for k in {**old, **new} if old.get(k) != new.get(k)]
+
+
 def _check_settings(out, settings):
     """Refuse to add to shards made with other settings. A prepare.json without any shard
     (a run stopped before its first one, by a mistyped --vae, say) binds nothing."""
@@ -728,8 +736,7 @@ def _check_settings(out, settings):
     if os.path.exists(path) and glob.glob(os.path.join(out, "shard-*.json")):
         with open(path) as f:
             old = json.load(f)
-        diff = [f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now"
-                for k in {**old, **settings} if old.get(k) != settings.get(k)]
+        diff = settings_changes(old, settings)
         if diff:
             raise ValueError(f"{out} holds shards prepared with other settings or from a "
                              f"changed source ({'; '.join(diff)}): use a new --out, or "

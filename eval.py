@@ -78,7 +78,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from data import COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, ShapeAttributes
 from data import atomic_write, caption_of, command_error, process_env, read_coco_captions
-from data import render_shapes, resize_center_crop, sample_attributes, to_rgb, write_json
+from data import render_shapes, resize_center_crop, sample_attributes, settings_changes
+from data import to_rgb, write_json
 from inception import INCEPTION_URL, RANDOM, he_init, load_inception, sha256_of
 from sample import check_device, load_pipeline
 from text import TINY_RANDOM
@@ -380,11 +381,9 @@ def coco_generate(args, rank=0, world_size=1):
         with open(settings_path) as f:
             earlier = json.load(f)
         if earlier != settings:
-            changed = [f"{k} {earlier.get(k)!r} then, {settings.get(k)!r} now"
-                       for k in sorted(set(earlier) | set(settings))
-                       if earlier.get(k) != settings.get(k)]
             raise ValueError(f"{args.out} holds images made with other settings "
-                             f"({'; '.join(changed)}): use another --out")
+                             f"({'; '.join(settings_changes(earlier, settings))}): use "
+                             f"another --out")
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     if rank == 0:
         write_json(settings_path, settings)

@@ -39,7 +39,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import train
-from data import LatentDataset, ensure_demo_data, write_json
+from data import LatentDataset, atomic_write, ensure_demo_data, write_json
 from diffusion import edm_loss_per_sample
 from eval import evaluate_shapes, file_identity
 from model import PRESETS, DiTConfig, train_flops_per_image
@@ -242,8 +242,7 @@ def report(out, tables, results):
         rows = [by_name[n] for n in SHARED.get(t, []) if n in by_name]
         rows += [r for r in results if r["table"] == t]
         text += f"### {t}. {TITLES[t]}\n\n{table(rows)}\n"
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
+    atomic_write(os.path.join(out, "results.md"), lambda f: f.write(text.encode()))
     plot(results, os.path.join(out, "plot.png"))
 
 

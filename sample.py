@@ -23,15 +23,17 @@ from PIL import Image, PngImagePlugin
 
 from diffusion import heun_sample
 from model import PRESETS, DiTConfig, MicroDiT, pos_embed_of, sincos_pos_embed
-from text import DEFAULT_CLIP, DOWNLOAD as CLIP_DOWNLOAD, load_text_encoder
-from vae import DOWNLOAD as VAE_DOWNLOAD, load_vae
+import text as text_lib
+import vae as vae_lib
+from text import DEFAULT_CLIP, load_text_encoder
+from vae import load_vae
 
 RELEASED_REPO = "VSehwag24/MicroDiT"
-RELEASED_CKPT = "ckpts/dit_4_channel_37M_real_and_synthetic_data.pt"
 RELEASED_FILES = ("dit_4_channel_22M_real_only_data.pt",
                   "dit_4_channel_37M_real_and_synthetic_data.pt",
                   "dit_16_channel_37M_real_and_synthetic_data.pt",
                   "dit_4_channel_0.5B_synthetic_data.pt")
+RELEASED_CKPT = f"ckpts/{RELEASED_FILES[1]}"  # the one sample.py uses by default
 # the VAE each released latent width was trained with
 DEFAULT_VAES = {4: "stabilityai/stable-diffusion-xl-base-1.0", 16: "ostris/vae-kl-f8-d16"}
 PIXEL_SPACE = "none"  # --vae none: the model works on pixels directly
@@ -41,10 +43,10 @@ Pipeline = collections.namedtuple("Pipeline", "net text_encoder vae device")
 def download_instructions():
     return ("Download the released weights once (about 9 GB in all):\n"
             f"    hf download {RELEASED_REPO} {RELEASED_CKPT} --local-dir weights\n"
-            f"    {VAE_DOWNLOAD}\n"
-            f"    {CLIP_DOWNLOAD}\n"
+            f"    {vae_lib.DOWNLOAD}\n"
+            f"    {text_lib.DOWNLOAD}\n"
             f"then: python sample.py \"a cat\" --ckpt weights/{RELEASED_CKPT} "
-            "--vae weights/sdxl/vae --clip weights/clip/open_clip_model.safetensors")
+            f"--vae {vae_lib.DOWNLOADED} --clip {text_lib.DOWNLOADED}")
 
 
 def hub_file(repo, filename):

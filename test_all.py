@@ -3401,7 +3401,7 @@ def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, m
     os.remove(fake[1])
     ev.coco_generate(args["one"])
     assert fake[1].read_bytes() == pngs["one"][1]
-    with pytest.raises(ValueError, match=r"other settings \(seed \d+ then, 6 now\): use "
+    with pytest.raises(ValueError, match=r"other settings \(seed: \d+ then, 6 now\): use "
                                          r"another --out$"):
         ev.coco_generate(ev.parse_args([str(a) for a in common + ["--seed", 6, "--out",
                                                                   tmp_path / "one"]]))

@@ -22,9 +22,10 @@ import torch.nn as nn
 DEFAULT_CLIP = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
 CLIP_ARCH = "ViT-H-14-378-quickgelu"
 TINY_RANDOM = "tiny-random"
-# the paper's text tower, for a machine that works offline afterwards
+# the paper's text tower, for a machine that works offline afterwards, and where it lands
 DOWNLOAD = ("hf download apple/DFN5B-CLIP-ViT-H-14-378 open_clip_model.safetensors "
             "--local-dir weights/clip")
+DOWNLOADED = "weights/clip/open_clip_model.safetensors"
 TINY_WIDTH = 256
 CONTEXT_LENGTH = 77
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")

@@ -62,9 +62,10 @@ class VAEConfig:
         return cls(**kw)
 
 
-# the paper's VAE (SDXL 1.0's), for a machine that works offline afterwards
+# the paper's VAE (SDXL 1.0's), for a machine that works offline afterwards, and where it lands
 DOWNLOAD = ("hf download stabilityai/stable-diffusion-xl-base-1.0 vae/config.json "
             "vae/diffusion_pytorch_model.safetensors --local-dir weights/sdxl")
+DOWNLOADED = "weights/sdxl/vae"
 
 VAE_PRESETS = {
     "sdxl": VAEConfig(),  # vae/ of stabilityai/stable-diffusion-xl-base-1.0, as in the paper
