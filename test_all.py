@@ -2302,14 +2302,15 @@ def test_a_folder_that_cannot_be_synced_does_not_fail_the_write(tmp_path, monkey
     assert train.load_checkpoint(train.checkpoints(str(tmp_path))[-1]) == {"step": 5}
 
 
-def test_checkpoint_snapshot_is_written_as_of_the_save_and_copied_once(tmp_path, monkeypatch):
+def test_checkpoint_snapshot_is_written_as_of_the_save_into_reused_buffers(tmp_path,
+                                                                          monkeypatch):
     """The write runs in a background thread while the training changes the weights in
-    place: the file must hold the values of the moment of the save. The snapshot
-    (gathered(copy=True)) is the only copy: the writer hands its tensors to the disk as they
-    are (FSDP's gathered tensors are new memory already; copying them again doubled the
-    host memory of a save)."""
+    place: the file must hold the values of the moment of the save. The snapshot (gathered
+    into a HostSnapshot) is the only copy: the writer hands its tensors to the disk as they
+    are, after calling `ready` (on CUDA: the queued copies have landed), and the next save
+    copies into the same buffers instead of new memory."""
     import threading
-    stepped, real_save, written = threading.Event(), train.save_checkpoint, []
+    stepped, real_save, written, waited = threading.Event(), train.save_checkpoint, [], []
 
     def slow_disk(folder, state, keep):  # the write starts only after the weights changed
         stepped.wait(10)
@@ -2320,24 +2321,62 @@ def test_checkpoint_snapshot_is_written_as_of_the_save_and_copied_once(tmp_path,
     weight, moment = torch.arange(6.0).reshape(2, 3), torch.ones(3)
     model = {"w": weight, "step_count": 5}
     assert train.gathered(model)["w"] is weight  # no copy unless asked (sample grids, CPU)
+    host = train.HostSnapshot(pin=False)
     # the ranks that do not save copy nothing (a meta tensor cannot be copied: it would raise)
-    assert train.gathered({"w": torch.empty(3, device="meta")}, keep=False, copy=True) is None
-    snapshot = train.gathered(model, copy=True)
+    assert train.gathered({"w": torch.empty(3, device="meta")}, False, host) is None
+    assert host.buffers == {}
+    snapshot = train.gathered(model, into=host, name="model.")
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
     opt.state[opt.param_groups[0]["params"][0]]["exp_avg"] = moment
-    opt_snapshot = train.optimizer_state(opt, copy=True)
+    opt_snapshot = train.optimizer_state(opt, into=host)
+    host.taken()
     writer = train.CheckpointWriter(background=True)
     writer.save(str(tmp_path), {"model": snapshot, "optimizer": opt_snapshot,
-                                "rng": [train.rng_state()], "step": 7}, keep=2)
+                                "rng": [train.rng_state()], "step": 7}, keep=2,
+                ready=lambda: waited.append(len(written)))
     weight.add_(100.0)  # the next optimizer step
     moment.mul_(3.0)
     stepped.set()
     writer.close()
-    assert written[0]["model"]["w"] is snapshot["w"]  # not copied a second time
+    assert waited == [0]  # before the write
+    assert written[0]["model"]["w"] is snapshot["w"] is host.buffers["model.w"]  # one copy
+    assert written[0]["optimizer"]["state"][0]["exp_avg"] is host.buffers["optimizer.0.exp_avg"]
     saved = train.load_checkpoint(train.checkpoints(str(tmp_path))[-1])
     assert torch.equal(saved["model"]["w"], torch.arange(6.0).reshape(2, 3))
     assert saved["model"]["step_count"] == 5 and saved["step"] == 7
     assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    # the next save: the same memory, the new values
+    again = train.gathered(model, into=host, name="model.")
+    assert again["w"] is host.buffers["model.w"] and torch.equal(again["w"], weight)
+    assert again["w"].data_ptr() == snapshot["w"].data_ptr()
+
+
+def test_background_checkpoints_of_a_run_equal_the_synchronous_ones(train_data, tmp_path,
+                                                                     monkeypatch):
+    """train.py's loop with the GPU's writer (a background thread reading reused snapshot
+    buffers) on a slow disk: the steps after a save run while it is written, and the next
+    save must wait for that write before it refills the buffers. Each checkpoint must equal
+    the one the synchronous writer saves."""
+    import time as time_module
+    train.cli(train_args(train_data, tmp_path / "sync"))
+    real_init, real_save = train.CheckpointWriter.__init__, train.save_checkpoint
+
+    def slow_disk(folder, state, keep):
+        time_module.sleep(1.5)  # longer than the 3 steps to the next save
+        real_save(folder, state, keep)
+
+    monkeypatch.setattr(train.CheckpointWriter, "__init__",
+                        lambda self, background=False: real_init(self, background=True))
+    monkeypatch.setattr(train, "save_checkpoint", slow_disk)
+    train.cli(train_args(train_data, tmp_path / "background"))
+    for name in ("ckpt_000000003.pt", "ckpt_000000006.pt"):
+        sync, background = (train.load_checkpoint(str(tmp_path / run / "phase1" / name))
+                            for run in ("sync", "background"))
+        for key, value in sync["model"].items():
+            assert torch.equal(value, background["model"][key]), (name, key)
+        for i, moments in sync["optimizer"]["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(value, background["optimizer"]["state"][i][key]), (name, key)
 
 
 def test_checkpoint_writer_hands_a_failed_background_write_to_the_training(tmp_path):

@@ -363,27 +363,31 @@ class CheckpointWriteError(OSError):
 
 class CheckpointWriter:
     """Writes checkpoints from a background thread when training on GPUs: the step waits for
-    a snapshot of the state in CPU memory (`gathered(..., copy=True)`), not for the disk (a
-    MicroDiT_XL_2 checkpoint is 14 to 18.6 GB). One write at a time; a failed write is raised
-    at the next save or at close(). On a CPU the thread would compete with the training for
-    the same cores (BENCHMARKS.md: no gain on 2 cores), so there it writes before returning
-    and the state needs no copy."""
+    the state to be copied into CPU buffers (HostSnapshot), not for the disk (a MicroDiT_XL_2
+    checkpoint is 14 to 18.6 GB). One write at a time; a failed write is raised at the next
+    save or at close(). On a CPU the thread would compete with the training for the same
+    cores (BENCHMARKS.md: no gain on 2 cores), so there it writes before returning and the
+    state needs no copy."""
 
     def __init__(self, background=True):
         self.background = background
         self.thread, self.error = None, None
 
-    def save(self, folder, state, keep):
-        """state: in the background, a snapshot the training will not change."""
+    def save(self, folder, state, keep, ready=None):
+        """state: in the background, a snapshot the training will not change; ready: called
+        by the writer before it reads the state (HostSnapshot.wait: the copies into it may
+        still be queued on the GPU)."""
         self.close()
         if not self.background:
-            self.write(folder, state, keep)
+            self.write(folder, state, keep, ready)
             return self.close()
-        self.thread = threading.Thread(target=self.write, args=(folder, state, keep))
+        self.thread = threading.Thread(target=self.write, args=(folder, state, keep, ready))
         self.thread.start()
 
-    def write(self, folder, state, keep):
+    def write(self, folder, state, keep, ready=None):
         try:
+            if ready is not None:
+                ready()
             save_checkpoint(folder, state, keep)
         except Exception as e:  # handed to the training thread
             self.error = CheckpointWriteError(
@@ -550,22 +554,56 @@ def shard(raw, world, device):
     fully_shard(raw, mesh=mesh)
 
 
-def gathered(state, keep=True, copy=False):
+class HostSnapshot:
+    """CPU buffers that the state is copied into for a background checkpoint write, made at
+    the first save and reused by every later one (while a write reads them, the next save
+    waits for it first: CheckpointWriter.close). Copying MicroDiT_XL_2's 14 GB state into
+    new memory at each save stalled the training 12.6 s on an H100 (BENCHMARKS.md): fresh
+    pages fault in one at a time and a copy to pageable memory is slow. On CUDA the buffers
+    are pinned and the copies queued on the training stream without waiting: the steps after
+    the save change the tensors in place only after the copies (same stream), and the writer
+    calls wait() before it reads. PyTorch's pinned allocator rounds each buffer up to a power
+    of two: 35% more host memory than the state (19 GB for XL's phase 1, kept for the run)."""
+
+    def __init__(self, pin):
+        self.pin, self.buffers, self.copied = pin, {}, None
+
+    def copy(self, key, tensor):
+        """A CPU copy of tensor in the buffer kept under key."""
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pin)
+            self.buffers[key] = buffer
+        return buffer.copy_(tensor.detach(), non_blocking=self.pin)
+
+    def taken(self):
+        """After the last copy of a save: marks on the stream where the copies end."""
+        if self.pin:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def wait(self):
+        """Until the copies queued before taken() have landed in the buffers."""
+        if self.copied is not None:
+            self.copied.synchronize()
+
+
+def gathered(state, keep=True, into=None, name=""):
     """A state dict with its FSDP-sharded tensors made whole, on the CPU; others as they
-    are, or with copy=True CPU copies of their own: a snapshot that the training does not
-    change while a background thread writes it. The gathered tensors are new memory already
-    and are not copied a second time (that would be 19 GB more host memory for
-    MicroDiT_XL_2's weights, EMA and optimizer state). A collective under FSDP: every rank
-    must call it, and the ranks that do not keep the result (all but the one that saves)
-    get None, not a copy of the whole model in their host memory."""
+    are, or with into (a HostSnapshot) copied into its buffers (keys: name + the state's
+    key): a snapshot that the training does not change while a background thread writes
+    it. A collective under FSDP: every rank must call it, and the ranks that do not keep the
+    result (all but the one that saves) get None and copy nothing."""
     whole = {}
     for k, v in state.items():
         if isinstance(v, DTensor):
             v = v.full_tensor()  # freed at once where it is not kept
-            # from a GPU .to copies; a replicated DTensor on the CPU may hand back its own
-            v = v.to("cpu", copy=copy and v.device.type == "cpu") if keep else None
-        elif copy and keep and isinstance(v, torch.Tensor):
-            v = v.detach().to("cpu", copy=True)
+            if keep:
+                v = into.copy(name + k, v) if into is not None else v.to("cpu")
+            else:
+                v = None
+        elif into is not None and keep and isinstance(v, torch.Tensor):
+            v = into.copy(name + k, v)
         whole[k] = v
     return whole if keep else None
 
@@ -577,11 +615,12 @@ def shard_as(tensor, like):
     return tensor.to(like.device)
 
 
-def optimizer_state(optimizer, keep=True, copy=False):
+def optimizer_state(optimizer, keep=True, into=None):
     """optimizer.state_dict() with whole tensors: one format with and without FSDP (None on
-    the ranks that do not keep it; copy as for gathered)."""
+    the ranks that do not keep it; into as for gathered)."""
     state = optimizer.state_dict()
-    per_param = {i: gathered(s, keep, copy) for i, s in state["state"].items()}
+    per_param = {i: gathered(s, keep, into, f"optimizer.{i}.")
+                 for i, s in state["state"].items()}
     return {**state, "state": per_param} if keep else None
 
 
@@ -895,6 +934,7 @@ def train_phase(argv, held):
     pending, t_read = [], time.perf_counter()
     writer = CheckpointWriter(background=device.type == "cuda")
     held.callback(writer.wait)  # a write in flight ends before the lock is let go
+    host = HostSnapshot(pin=device.type == "cuda") if writer.background and master else None
     while step < end:
         phase_step = step - phase_start
         lr = learning_rate(cfg, phase_step)
@@ -994,26 +1034,38 @@ def train_phase(argv, held):
                      f"intact; lower --lr or --grad-clip and resume from it.")
 
         # --- checkpoint and samples
+        if save_now and host is not None:
+            writer.close()  # the last write has read the buffers the snapshot reuses
+        t_save = time.perf_counter()
         if save_now or sample_now:
             # a background write needs a snapshot: the next steps change the tensors in place
-            snapshot = save_now and writer.background
-            model_state = gathered(raw.state_dict(), master, snapshot)
-            ema_state = gathered(ema_obj.state, master, snapshot) if ema_obj else None
+            into = host if save_now else None
+            model_state = gathered(raw.state_dict(), master, into, "model.")
+            ema_state = gathered(ema_obj.state, master, into, "ema.") if ema_obj else None
         if save_now:
             rng = [rng_state()]
             if world > 1:
                 rng = [None] * world
                 dist.all_gather_object(rng, rng_state())
-            opt_state = optimizer_state(optimizer, master, snapshot)
+            opt_state = optimizer_state(optimizer, master, host)
             if master:
+                if host is not None:
+                    host.taken()
                 writer.save(folder, {
                     "model": model_state, "ema": ema_state,
                     "optimizer": opt_state, "step": step,
                     "phase_step": phase_step, "phase_start": phase_start,
                     "model_config": dataclasses.asdict(model_cfg), "config": cfg,
                     "loader": loader.state_dict(), "rng": rng, "vae": info.get("vae"),
-                    "clip": info.get("clip")}, cfg["keep"])
+                    "clip": info.get("clip")}, cfg["keep"],
+                    ready=host.wait if host is not None else None)
+                took = f"{time.perf_counter() - t_save:.1f} s"
+                tqdm.write(f"step {step}: checkpoint " + (
+                    f"queued in {took}, written in the background"
+                    if writer.background else f"written in {took}"))
         if master and sample_now:
+            if host is not None:
+                host.wait()  # the grid may read the snapshot's buffers
             path = os.path.join(folder, f"samples_{step:09d}.png")
             save_sample_grid(ema_state or model_state, model_cfg, encoders, prompts, path, device,
                              cfg["dtype"])
