@@ -2351,6 +2351,27 @@ def test_checkpoint_snapshot_is_written_as_of_the_save_into_reused_buffers(tmp_p
     assert again["w"].data_ptr() == snapshot["w"].data_ptr()
 
 
+def test_snapshot_goes_to_ordinary_memory_when_pinning_fails(monkeypatch, capsys):
+    """Pinned memory is limited in containers: a save must not crash the run over it."""
+    real_empty = torch.empty
+
+    def empty(*shape, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise torch.OutOfMemoryError("CUDA error: out of memory")
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    host = train.HostSnapshot(pin=True)
+    weight = torch.arange(4.0)
+    snapshot = train.gathered({"w": weight, "b": weight + 1}, into=host, name="model.")
+    host.taken()
+    host.wait()
+    assert not host.pin and host.copied is None  # copies wait until they land
+    assert torch.equal(snapshot["w"], weight) and torch.equal(snapshot["b"], weight + 1)
+    err = capsys.readouterr().err
+    assert err.count("pinning CPU memory for the snapshot failed") == 1 and "out of memory" in err
+
+
 def test_background_checkpoints_of_a_run_equal_the_synchronous_ones(train_data, tmp_path,
                                                                      monkeypatch):
     """train.py's loop with the GPU's writer (a background thread reading reused snapshot

@@ -572,9 +572,19 @@ class HostSnapshot:
         """A CPU copy of tensor in the buffer kept under key."""
         buffer = self.buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pin)
-            self.buffers[key] = buffer
+            buffer = self.buffers[key] = self.new_buffer(tensor)
         return buffer.copy_(tensor.detach(), non_blocking=self.pin)
+
+    def new_buffer(self, tensor):
+        if self.pin:
+            try:
+                return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            except RuntimeError as e:  # pinned memory is limited (containers, cgroups)
+                self.pin = False  # every copy from here on waits until it has landed
+                print(f"checkpoints: pinning CPU memory for the snapshot failed ({e}); it "
+                      f"goes to ordinary memory instead, and each save waits for its copy",
+                      file=sys.stderr)
+        return torch.empty(tensor.shape, dtype=tensor.dtype)
 
     def taken(self):
         """After the last copy of a save: marks on the stream where the copies end."""
