@@ -2372,6 +2372,27 @@ def test_snapshot_goes_to_ordinary_memory_when_pinning_fails(monkeypatch, capsys
     assert err.count("pinning CPU memory for the snapshot failed") == 1 and "out of memory" in err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_snapshot_holds_the_values_of_the_save_on_cuda():
+    """On CUDA the copies into the pinned buffers are queued without waiting: the in-place
+    updates queued after them (the next optimizer step) must not reach the snapshot, at the
+    first save (new buffers) or a later one (reused)."""
+    host = train.HostSnapshot(pin=True)
+    state = {f"w{i}": torch.randn(1024, 1024, device="cuda") for i in range(8)}
+    before = {k: v.cpu() for k, v in state.items()}  # waited-for copies: the reference
+    for _ in range(2):
+        torch.cuda._sleep(200_000_000)  # the copies queue behind ~0.1 s of GPU work
+        snapshot = train.gathered(state, into=host, name="model.")
+        host.taken()
+        for v in state.values():
+            v.mul_(2.0).add_(1.0)
+        host.wait()
+        assert host.pin and all(b.is_pinned() for b in host.buffers.values())
+        for k in state:
+            assert torch.equal(snapshot[k], before[k]), k
+        before = {k: v.cpu() for k, v in state.items()}
+
+
 def test_background_checkpoints_of_a_run_equal_the_synchronous_ones(train_data, tmp_path,
                                                                      monkeypatch):
     """train.py's loop with the GPU's writer (a background thread reading reused snapshot
