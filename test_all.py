@@ -2396,26 +2396,56 @@ def test_pinned_snapshot_holds_the_values_of_the_save_on_cuda():
 def test_background_checkpoints_of_a_run_equal_the_synchronous_ones(train_data, tmp_path,
                                                                      monkeypatch):
     """train.py's loop with the GPU's writer (a background thread reading reused snapshot
-    buffers) on a slow disk: the steps after a save run while it is written, and the next
-    save must wait for that write before it refills the buffers. Each checkpoint must equal
-    the one the synchronous writer saves."""
+    buffers) on a slow disk, with an EMA and a sample grid at the last save: the buffers are
+    never refilled while a write reads them, each save's copies are marked taken before the
+    writer waits for them (its first act) and the grid waits for them too; and every
+    checkpoint equals the one the synchronous writer saves."""
+    import threading
     import time as time_module
-    train.cli(train_args(train_data, tmp_path / "sync"))
+    ema = ("--ema-decay", "0.9", "--ema-start", "0")
+    train.cli(train_args(train_data, tmp_path / "sync", *ema))
     real_init, real_save = train.CheckpointWriter.__init__, train.save_checkpoint
+    real_grid, Host = train.save_sample_grid, train.HostSnapshot
+    real_copy, real_taken, real_wait = Host.copy, Host.taken, Host.wait
+    events, writing = {"main": [], "writer": []}, threading.Event()
+
+    def log(event):
+        main = threading.current_thread() is threading.main_thread()
+        events["main" if main else "writer"].append(event)
+
+    def copy(self, key, tensor):
+        assert not writing.is_set(), "snapshot buffers refilled while a write reads them"
+        if not events["main"] or events["main"][-1] != "copy":
+            log("copy")  # one entry per run of copies
+        return real_copy(self, key, tensor)
 
     def slow_disk(folder, state, keep):
-        time_module.sleep(1.5)  # longer than the 3 steps to the next save
-        real_save(folder, state, keep)
+        writing.set()
+        log("write")
+        try:
+            time_module.sleep(1.5)  # longer than the 3 steps to the next save
+            real_save(folder, state, keep)
+        finally:
+            writing.clear()
 
     monkeypatch.setattr(train.CheckpointWriter, "__init__",
                         lambda self, background=False: real_init(self, background=True))
     monkeypatch.setattr(train, "save_checkpoint", slow_disk)
-    train.cli(train_args(train_data, tmp_path / "background"))
+    monkeypatch.setattr(Host, "copy", copy)
+    monkeypatch.setattr(Host, "taken", lambda self: (log("taken"), real_taken(self))[1])
+    monkeypatch.setattr(Host, "wait", lambda self: (log("wait"), real_wait(self))[1])
+    monkeypatch.setattr(train, "save_sample_grid",
+                        lambda *args: (log("grid"), real_grid(*args))[1])
+    train.cli(train_args(train_data, tmp_path / "background", *ema))
+    # saves at steps 3 and 6 (the last, with the grid)
+    assert events["main"] == ["copy", "taken", "copy", "taken", "wait", "grid"]
+    assert events["writer"] == ["wait", "write", "wait", "write"]
     for name in ("ckpt_000000003.pt", "ckpt_000000006.pt"):
         sync, background = (train.load_checkpoint(str(tmp_path / run / "phase1" / name))
                             for run in ("sync", "background"))
-        for key, value in sync["model"].items():
-            assert torch.equal(value, background["model"][key]), (name, key)
+        for part in ("model", "ema"):
+            for key, value in sync[part].items():
+                assert torch.equal(value, background[part][key]), (name, part, key)
         for i, moments in sync["optimizer"]["state"].items():
             for key, value in moments.items():
                 assert torch.equal(value, background["optimizer"]["state"][i][key]), (name, key)

@@ -558,11 +558,12 @@ class HostSnapshot:
     """CPU buffers that the state is copied into for a background checkpoint write, made at
     the first save and reused by every later one (while a write reads them, the next save
     waits for it first: CheckpointWriter.close). Copying MicroDiT_XL_2's 14 GB state into
-    new memory at each save stalled the training 12.6 s on an H100 (BENCHMARKS.md): fresh
-    pages fault in one at a time and a copy to pageable memory is slow. On CUDA the buffers
-    are pinned and the copies queued on the training stream without waiting: the steps after
-    the save change the tensors in place only after the copies (same stream), and the writer
-    calls wait() before it reads. PyTorch's pinned allocator rounds each buffer up to a power
+    new memory at each save stalled the training about 12.6 s on an H100 (BENCHMARKS.md;
+    fresh pages fault in one at a time, and a copy to pageable memory is slow). On CUDA the
+    buffers are pinned and the copies queued on the training stream without the host
+    waiting: the GPU spends the copy's time at PCIe speed (14 GB: about half a second), the
+    steps after the save change the tensors in place only after the copies (same stream),
+    and the writer calls wait() before it reads. The first save also pins the buffers. PyTorch's pinned allocator rounds each buffer up to a power
     of two: 35% more host memory than the state (19 GB for XL's phase 1, kept for the run)."""
 
     def __init__(self, pin):
@@ -578,18 +579,19 @@ class HostSnapshot:
     def new_buffer(self, tensor):
         if self.pin:
             try:
-                return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
+                                   pin_memory=True)
             except RuntimeError as e:  # pinned memory is limited (containers, cgroups)
                 self.pin = False  # every copy from here on waits until it has landed
                 print(f"checkpoints: pinning CPU memory for the snapshot failed ({e}); it "
                       f"goes to ordinary memory instead, and each save waits for its copy",
                       file=sys.stderr)
-        return torch.empty(tensor.shape, dtype=tensor.dtype)
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
 
     def taken(self):
         """After the last copy of a save: marks on the stream where the copies end."""
         if self.pin:
-            self.copied = torch.cuda.Event()
+            self.copied = torch.cuda.Event(blocking=True)  # the writer sleeps, not spins
             self.copied.record()
 
     def wait(self):
@@ -1044,9 +1046,9 @@ def train_phase(argv, held):
                      f"intact; lower --lr or --grad-clip and resume from it.")
 
         # --- checkpoint and samples
+        t_save = time.perf_counter()
         if save_now and host is not None:
             writer.close()  # the last write has read the buffers the snapshot reuses
-        t_save = time.perf_counter()
         if save_now or sample_now:
             # a background write needs a snapshot: the next steps change the tensors in place
             into = host if save_now else None
@@ -1069,7 +1071,7 @@ def train_phase(argv, held):
                     "loader": loader.state_dict(), "rng": rng, "vae": info.get("vae"),
                     "clip": info.get("clip")}, cfg["keep"],
                     ready=host.wait if host is not None else None)
-                took = f"{time.perf_counter() - t_save:.1f} s"
+                took = f"{time.perf_counter() - t_save:.1f} s"  # the training's wait
                 tqdm.write(f"step {step}: checkpoint " + (
                     f"queued in {took}, written in the background"
                     if writer.background else f"written in {took}"))
