@@ -10,6 +10,8 @@
                                                         # every attention shape, every backend
     python bench.py --compile on --inductor '{"coordinate_descent_tuning": true}'
                                                         # try Inductor's settings
+    python bench.py --preset MicroDiT_XL_2 --checkpoint --skip train sample data
+                                                        # the training's wait at a save
 
 Every comparison (mask 0.75 against mask 0, compiled against eager) is measured side by
 side: the variants take turns, one timed step each, and each figure is the median over its
@@ -34,8 +36,9 @@ from diffusion import edm_loss, heun_sample
 from mixer import num_kept
 from model import PRESETS, MicroDiT, block_ratios, count_params, qkv_hidden, train_flops_per_image
 from sample import PRECISIONS, precision
-from train import (COMPILE_MODES, PHASES, clip_in_optimizer, inductor_options, model_overrides,
-                   peak_flops, set_inductor_options)
+from train import (COMPILE_MODES, PHASES, HostSnapshot, clip_in_optimizer, gathered,
+                   inductor_options, model_overrides, optimizer_state, peak_flops,
+                   set_inductor_options)
 
 DEFAULTS = dict(preset="MicroDiT_Tiny_2", res=256, batch_size=8, rounds=8, warmup=2,
                 sample_steps=30, sample_batch=8, data_batch=2048)
@@ -222,6 +225,57 @@ def bench_training(args, cfg, device, autocast, peak):
     return result
 
 
+def bench_checkpoint(args, cfg, device):
+    """The training's wait for the snapshot a background checkpoint write needs (weights and
+    Adam moments), two ways taking turns: copies into new CPU memory at each save (train.py
+    before HostSnapshot: fresh pages, on CUDA pageable copies) against HostSnapshot's buffers
+    made at the first save and reused (on CUDA pinned, the copies queued without the host
+    waiting; timed to the queueing, the training's wait, and to the copies' landing)."""
+    torch.manual_seed(0)
+    raw = MicroDiT(cfg).to(device)
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-5, fused=True)
+    for p in raw.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # the moments exist from here on
+    optimizer.zero_grad(set_to_none=True)
+    host = HostSnapshot(pin=device.type == "cuda")
+
+    def new_memory():
+        model = {k: v.detach().to("cpu", copy=True) for k, v in raw.state_dict().items()}
+        moments = {i: {k: v.to("cpu", copy=True) for k, v in s.items()}
+                   for i, s in optimizer.state_dict()["state"].items()}
+        return model, moments
+
+    def reused():
+        snapshot = gathered(raw.state_dict(), True, host, "model."), optimizer_state(
+            optimizer, True, host)
+        host.taken()
+        return snapshot
+
+    def timed(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        queued = time.perf_counter() - t0
+        host.wait()
+        sync(device)
+        return out, queued, time.perf_counter() - t0
+
+    first = timed(reused)[2]  # makes (and on CUDA pins) the buffers
+    times = {"new_memory_s": [], "reused_queued_s": [], "reused_landed_s": []}
+    for _ in range(args.rounds):
+        times["new_memory_s"].append(timed(new_memory)[2])
+        (model, _), queued, landed = timed(reused)
+        times["reused_queued_s"].append(queued)
+        times["reused_landed_s"].append(landed)
+    state = raw.state_dict()
+    assert all(torch.equal(model[k], state[k].cpu()) for k in state)  # what was copied
+    nbytes = sum(b.numel() * b.element_size() for b in host.buffers.values())
+    return {"state_gb": nbytes / 1e9, "pinned": host.pin, "rounds": args.rounds,
+            "reused_first_s": first,
+            **{k: statistics.median(v) for k, v in times.items()}}
+
+
 def bench_sampling(args, cfg, device, autocast):
     """Seconds per image of a full Heun run with guidance (both halves in one batch)."""
     torch.manual_seed(0)
@@ -321,6 +375,8 @@ def main(argv=None):
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
     p.add_argument("--attention", action="store_true", help="time each attention shape of the "
                                                             "model under every SDPA backend")
+    p.add_argument("--checkpoint", action="store_true", help="time the checkpoint snapshot: "
+                   "new CPU memory per save against train.py's reused (on CUDA pinned) buffers")
     p.add_argument("--profile", action="store_true", help="profile two training steps first "
                                                            "(the last variant): the top "
                                                            "operators and the time by kind")
@@ -372,6 +428,13 @@ def main(argv=None):
         for row in results["attention"]:
             times = ", ".join("-" if row[b] is None else f"{row[b]:.3f}" for b in names)
             print(f"  {row['shape']}, {row['calls']}, {row['q']}, {row['keys']}: {times}")
+    if args.checkpoint:
+        results["checkpoint"] = c = bench_checkpoint(args, cfg, device)
+        how = "pinned, queued without waiting" if c["pinned"] else "copied"
+        print(f"checkpoint snapshot of {c['state_gb']:.2f} GB (weights, Adam moments), median "
+              f"of {c['rounds']}: new memory per save {c['new_memory_s']:.3f} s; reused "
+              f"buffers ({how}) {c['reused_queued_s']:.3f} s, landed {c['reused_landed_s']:.3f}"
+              f" s; the first save, making them: {c['reused_first_s']:.3f} s")
     if "train" not in args.skip:
         results["train"] = bench_training(args, cfg, device, autocast, peak)
         for row in results["train"]["rows"]:

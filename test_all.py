@@ -3684,6 +3684,29 @@ def test_bench_quick_mode_runs_and_reports_consistent_figures(tmp_path):
     assert results["data"]["samples_per_s"] > 0
 
 
+def test_bench_checkpoint_times_the_whole_state_both_ways(monkeypatch):
+    """bench.py --checkpoint copies what a checkpoint holds: the weights (with buffers), both
+    Adam moments and the step of each parameter; the reused buffers are copied into at
+    every timed round (and once before, making them), the new-memory way never touches them."""
+    import bench
+    copies = []
+    real_copy = train.HostSnapshot.copy
+    monkeypatch.setattr(train.HostSnapshot, "copy",
+                        lambda self, key, t: copies.append(key) or real_copy(self, key, t))
+    c = bench.main(["--quick", "--checkpoint", "--rounds", "3",
+                    "--skip", "train", "sample", "data"])["checkpoint"]
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=16)
+    model = model_lib.MicroDiT(cfg)
+    params = list(model.parameters())
+    weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    expected = weights + 2 * sum(p.numel() * 4 for p in params) + 4 * len(params)
+    assert c["state_gb"] * 1e9 == pytest.approx(expected)
+    assert len(copies) == 4 * (len(model.state_dict()) + 3 * len(params))  # 1 + 3 rounds
+    assert not c["pinned"] and c["rounds"] == 3
+    assert c["reused_queued_s"] <= c["reused_landed_s"]
+    assert all(c[k] > 0 for k in ("new_memory_s", "reused_landed_s", "reused_first_s"))
+
+
 def test_bench_sampling_runs_with_guidance(monkeypatch):
     """The sampling figure is for the paper's sampler, guidance 5: every network call sees
     both halves of the guided batch, 2 x the sample batch, in 2 steps - 1 calls per run."""
