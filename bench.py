@@ -156,6 +156,35 @@ def time_by_kind(prof, device, steps, top=4):
             for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
+def kernel_intervals(prof):
+    """[(start µs, end µs, name)] of the CUDA kernels a profile saw (not annotation ranges)."""
+    from torch.autograd import DeviceType
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type == DeviceType.CUDA and "#" not in e.name
+            and not getattr(e, "is_user_annotation", False)
+            and not e.name.startswith("Torch-Compiled Region")]
+
+
+def device_gaps(intervals, steps, top=5):
+    """Where the device sat idle between kernels: {busy, span (first kernel's start to the
+    last's end) and idle ms per step, the `top` longest gaps [{ms, after, before}]}.
+    Kernels that overlap (several streams) count once."""
+    merged = []  # [start, end, name of the kernel that ends last]
+    for start, end, name in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1][1:] = [end, name]
+        else:
+            merged.append([start, end, name])
+    busy = sum(end - start for start, end, _ in merged)
+    span = merged[-1][1] - merged[0][0] if merged else 0.0
+    gaps = [{"ms": (b[0] - a[1]) / 1000, "after": a[2], "before": b[2]}
+            for a, b in zip(merged, merged[1:])]
+    return {"busy_ms": busy / 1000 / steps, "span_ms": span / 1000 / steps,
+            "idle_ms": (span - busy) / 1000 / steps,
+            "gaps": sorted(gaps, key=lambda g: -g["ms"])[:top]}
+
+
 def print_time_by_kind(by_kind):
     total = sum(row["ms"] for row in by_kind)
     print(f"time per step by kind ({total:.1f} ms in all):")
@@ -195,6 +224,12 @@ def bench_training(args, cfg, device, autocast, peak):
         print(prof.key_averages().table(sort_by=sort, row_limit=30))
         by_kind = time_by_kind(prof, device, steps=2)
         print_time_by_kind(by_kind)
+        gaps = device_gaps(kernel_intervals(prof), steps=2) if device.type == "cuda" else None
+        if gaps:
+            print(f"device idle between kernels: {gaps['idle_ms']:.2f} ms per step of "
+                  f"{gaps['span_ms']:.2f} from the first kernel to the last; the longest gaps:")
+            for g in gaps["gaps"]:
+                print(f"  {g['ms']:8.3f} ms after {g['after'][:60]}, before {g['before'][:60]}")
     t0 = time.perf_counter()
     seconds = alternate(variants, args.rounds, args.warmup, device)
     rows = []
@@ -207,7 +242,7 @@ def bench_training(args, cfg, device, autocast, peak):
               "peak_memory_gb": peak_memory_gb(device)}
     if args.profile:
         result["profile"] = {"variant": {"compile": kinds[-1], "mask_ratio": masks[-1]},
-                             "ms_per_step_by_kind": by_kind}
+                             "ms_per_step_by_kind": by_kind, "device_gaps": gaps}
     if device.type == "cuda":  # what the allocator held: the figure that decides a fit
         result["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
     masked = max(masks)

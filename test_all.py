@@ -3757,9 +3757,25 @@ def test_bench_profile_splits_the_step_time_by_kind(capsys):
     printed = capsys.readouterr().out
     profiled = results["train"]["profile"]
     assert profiled["variant"] == {"compile": "eager", "mask_ratio": 0.75}
+    assert profiled["device_gaps"] is None  # no device kernels on a CPU
     kinds_seen = [row["kind"] for row in profiled["ms_per_step_by_kind"]]
     assert {"matmul", "attention", "optimizer and grad clipping"} <= set(kinds_seen)
     assert "time per step by kind" in printed and kinds_seen[0] in printed
+
+
+def test_bench_device_gaps_merge_overlapping_kernels_and_name_the_longest_gaps():
+    import bench
+    # µs; b overlaps a (another stream), e lies inside d: each busy stretch counts once
+    kernels = [(25, 30, "c"), (0, 10, "a"), (5, 20, "b"), (40, 50, "d"), (42, 45, "e"),
+               (51, 52, "f")]
+    gaps = bench.device_gaps(kernels, steps=2, top=2)
+    assert gaps["busy_ms"] == pytest.approx((20 + 5 + 10 + 1) / 1000 / 2)
+    assert gaps["span_ms"] == pytest.approx(52 / 1000 / 2)
+    assert gaps["idle_ms"] == pytest.approx((5 + 10 + 1) / 1000 / 2)
+    assert gaps["gaps"] == [{"ms": 0.010, "after": "c", "before": "d"},
+                            {"ms": 0.005, "after": "b", "before": "c"}]
+    assert bench.device_gaps([], steps=1) == {"busy_ms": 0.0, "span_ms": 0.0, "idle_ms": 0.0,
+                                              "gaps": []}
 
 
 @pytest.mark.parametrize("mask_before_mixer", [False, True])
