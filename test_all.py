@@ -3833,6 +3833,24 @@ def test_bench_model_overrides_and_compile_mode_reach_the_model(monkeypatch):
             bench.main(["--quick", *flags, "--skip", "train", "sample", "data"])
 
 
+@pytest.mark.parametrize("mixer_dim, stream", [(96, torch.bfloat16), (128, torch.float32)])
+def test_residual_stream_dtype_under_bf16_autocast(mixer_dim, stream):
+    """Where the mixer's width differs from the backbone's (MicroDiT_XL_2: 768 and 1024), its
+    width maps end in a Linear, so under autocast the whole residual stream, mixer and
+    backbone, is bf16: the memory traffic BENCHMARKS.md's profiles assume. At equal widths
+    (MicroDiT_Tiny_2) the maps are identities and the stream stays fp32 from the pos_embed
+    add."""
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], patch_mixer_dim=mixer_dim)
+    net = model_lib.MicroDiT(cfg)
+    seen = {}
+    for name, block in [("mixer", net.patch_mixer), ("block0", net.blocks[0]),
+                        ("last", net.blocks[-1])]:
+        block.register_forward_hook(lambda m, i, out, name=name: seen.update({name: out.dtype}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 77, 256), mask_ratio=0.75)
+    assert seen == {"mixer": stream, "block0": stream, "last": stream}
+
+
 def test_moe_layers_run_under_cpu_bf16_autocast():
     """bench.py / train.py --dtype bfloat16 on a CPU: the experts' bf16 output is added into
     a float32 buffer (on CUDA the float32 gates hid the mismatch)."""
