@@ -1,0 +1,38 @@
+#!/bin/bash
+# The next GPU session's checks for issue 7, as one device call each (run from the repo root):
+#   bash docs/bench/gpu_session.sh C   (~560 s) the CUDA-only tests, bench.py --checkpoint on
+#       XL, train.py's loop with two saves (the "queued in X s" lines and the ms/step of the
+#       steps beside the write), then a depth-8 model with --profile (device idle gaps) and,
+#       if time is left, with coordinate-descent tuning
+#   bash docs/bench/gpu_session.sh E   (~450 s) depth 8: max-autotune-no-cudagraphs vs default
+# The GPU machine has torch but no open_clip or pytest and no internet: put their wheels in
+# .whl/ first (pip download open_clip_torch ftfy wcwidth -d .whl --no-deps --python-version
+# 3.12 --only-binary :all:, and pytest's into .whl/pytest), and carry .whl with the call.
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv > $OUT/info.txt
+python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)" >> $OUT/info.txt
+python3 -c "import open_clip" 2>/dev/null || pip install -q --no-deps --no-index .whl/*.whl > /dev/null 2>&1
+python3 -c "import pytest" 2>/dev/null || pip install -q --no-deps --no-index .whl/pytest/*.whl > /dev/null 2>&1
+date -u >> $OUT/info.txt; cat $OUT/info.txt
+echo "== CUDA tests"; timeout 120 python3 -m pytest -q -x test_all.py -k "cuda or snapshot" 2>&1 | tail -3
+XL="--preset MicroDiT_XL_2 --phase 1 --batch-size 256"
+D8="--model {\"depth\":8,\"patch_mixer_depth\":2}"
+if [ "$1" = C ]; then
+  echo "== checkpoint snapshot $SECONDS"; timeout 120 python3 bench.py --preset MicroDiT_XL_2 --checkpoint --rounds 3 --skip train sample data --json $OUT/ckpt.json 2>&1 | tail -1
+  [ -d /tmp/fake ] || python3 data.py bench --data /tmp/fake --fake-samples 8192 --batches 1 > $OUT/data.txt 2>&1
+  echo "== train loop, checkpoints $SECONDS"; rm -rf /tmp/run
+  timeout -s INT 330 python3 train.py $XL --data /tmp/fake --steps 140 --log-every 10 --sample-every 0 --ckpt-every 70 --keep 1 --out /tmp/run > $OUT/train.txt 2>&1; echo rc $? at $SECONDS
+  tr '\r' '\n' < $OUT/train.txt | grep -E "checkpoint|done|Error|error" | head; cp /tmp/run/phase1/log.jsonl $OUT/ 2>/dev/null
+  python3 -c "
+import json; r=[json.loads(l) for l in open('/tmp/run/phase1/log.jsonl')]
+print(' '.join(f\"{x['step']}:{x['ms_per_step']:.1f}\" for x in r[9::10]))"
+  for v in default cd; do
+    [ $SECONDS -gt 470 ] && break
+    I='{}'; P=""; [ $v = cd ] && I='{"coordinate_descent_tuning": true}'; [ $v = default ] && P="--profile"
+    echo "== depth 8 $v $SECONDS"; timeout $((560 - SECONDS)) python3 bench.py $XL $D8 --masks 0.75 --compile on --inductor "$I" $P --rounds 8 --warmup 3 --skip sample data --json $OUT/d8_$v.json > $OUT/d8_$v.txt 2>&1; echo rc $? at $SECONDS; grep "^train" $OUT/d8_$v.txt; grep -A6 "device idle" $OUT/d8_$v.txt
+  done
+fi
+if [ "$1" = E ]; then
+  echo "== depth 8 max-autotune $SECONDS"; timeout 400 python3 bench.py $XL $D8 --masks 0.75 --compile on --compile-mode max-autotune-no-cudagraphs --rounds 8 --warmup 3 --skip sample data --json $OUT/d8_ma.json > $OUT/d8_ma.txt 2>&1; echo rc $? at $SECONDS; grep "^train" $OUT/d8_ma.txt
+  echo "== depth 8 default again $SECONDS"; timeout 150 python3 bench.py $XL $D8 --masks 0.75 --compile on --rounds 8 --warmup 3 --skip sample data > $OUT/d8_default2.txt 2>&1; grep "^train" $OUT/d8_default2.txt
+fi
