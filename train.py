@@ -563,8 +563,9 @@ class HostSnapshot:
     buffers are pinned and the copies queued on the training stream without the host
     waiting: the GPU spends the copy's time at PCIe speed (14 GB: about half a second), the
     steps after the save change the tensors in place only after the copies (same stream),
-    and the writer calls wait() before it reads. The first save also pins the buffers. PyTorch's pinned allocator rounds each buffer up to a power
-    of two: 35% more host memory than the state (19 GB for XL's phase 1, kept for the run)."""
+    and the writer calls wait() before it reads. The first save also pins the buffers.
+    PyTorch's pinned allocator rounds each buffer up to a power of two: 35% more host memory
+    than the state (19 GB for XL's phase 1, kept for the run)."""
 
     def __init__(self, pin):
         self.pin, self.buffers, self.copied = pin, {}, None
