@@ -15,14 +15,18 @@ python3 -c "import open_clip" 2>/dev/null || pip install -q --no-deps --no-index
 python3 -c "import pytest" 2>/dev/null || pip install -q --no-deps --no-index .whl/pytest/*.whl > /dev/null 2>&1
 date -u >> $OUT/info.txt; cat $OUT/info.txt
 echo "== CUDA tests"; timeout 120 python3 -m pytest -q -x test_all.py -k "cuda or snapshot" 2>&1 | tail -3
-XL="--preset MicroDiT_XL_2 --phase 1 --batch-size 256"
-D8="--model {\"depth\":8,\"patch_mixer_depth\":2}"
+# a dry run on a CPU first catches a broken command before it costs device time:
+#   OUT=/tmp/out PRESET=MicroDiT_CPU_2 XL="--preset MicroDiT_CPU_2 --phase 1 --batch-size 8" \
+#   TRAIN_EXTRA="--micro-batch 8" D8="--model {}" bash docs/bench/gpu_session.sh C
+PRESET=${PRESET:-MicroDiT_XL_2}
+XL=${XL:-"--preset MicroDiT_XL_2 --phase 1 --batch-size 256"}
+D8=${D8:-"--model {\"depth\":8,\"patch_mixer_depth\":2}"}
 if [ "$1" = C ]; then
-  echo "== checkpoint snapshot $SECONDS"; timeout 120 python3 bench.py --preset MicroDiT_XL_2 --checkpoint --rounds 3 --skip train sample data --json $OUT/ckpt.json 2>&1 | tail -1
+  echo "== checkpoint snapshot $SECONDS"; timeout 120 python3 bench.py --preset $PRESET --checkpoint --rounds 3 --skip train sample data --json $OUT/ckpt.json 2>&1 | tail -1
   [ -d /tmp/fake ] || python3 data.py bench --data /tmp/fake --fake-samples 8192 --batches 1 > $OUT/data.txt 2>&1
   echo "== train loop, checkpoints $SECONDS"; rm -rf /tmp/run
-  timeout -s INT 330 python3 train.py $XL --data /tmp/fake --steps 140 --log-every 10 --sample-every 0 --ckpt-every 70 --keep 1 --out /tmp/run > $OUT/train.txt 2>&1; echo rc $? at $SECONDS
-  tr '\r' '\n' < $OUT/train.txt | grep -E "checkpoint|done|Error|error" | head; cp /tmp/run/phase1/log.jsonl $OUT/ 2>/dev/null
+  timeout -s INT 330 python3 train.py $XL $TRAIN_EXTRA --data /tmp/fake --steps 140 --log-every 10 --sample-every 0 --ckpt-every 70 --keep 1 --out /tmp/run > $OUT/train.txt 2>&1; echo rc $? at $SECONDS
+  tr '\r' '\n' < $OUT/train.txt | grep -E "^step .*checkpoint|^done|Error|error" | head; cp /tmp/run/phase1/log.jsonl $OUT/ 2>/dev/null
   python3 -c "
 import json; r=[json.loads(l) for l in open('/tmp/run/phase1/log.jsonl')]
 print(' '.join(f\"{x['step']}:{x['ms_per_step']:.1f}\" for x in r[9::10]))"
