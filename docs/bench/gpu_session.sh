@@ -16,8 +16,10 @@ python3 -c "import pytest" 2>/dev/null || pip install -q --no-deps --no-index .w
 date -u >> $OUT/info.txt; cat $OUT/info.txt
 echo "== CUDA tests"; timeout 120 python3 -m pytest -q -x test_all.py -k "cuda or snapshot" 2>&1 | tail -3
 # a dry run on a CPU first catches a broken command before it costs device time:
-#   OUT=/tmp/out PRESET=MicroDiT_CPU_2 XL="--preset MicroDiT_CPU_2 --phase 1 --batch-size 8" \
-#   TRAIN_EXTRA="--micro-batch 8" D8="--model {}" bash docs/bench/gpu_session.sh C
+#   mkdir -p /tmp/out; OUT=/tmp/out PRESET=MicroDiT_CPU_2 \
+#   XL="--preset MicroDiT_Tiny_2 --phase 1 --batch-size 2" D8='--model {"depth":2,"patch_mixer_depth":1}' \
+#   TRAIN_EXTRA='--micro-batch 2 --model {"depth":2,"patch_mixer_depth":1}' bash docs/bench/gpu_session.sh C
+#   (the fake data is 256px latents with 1024-wide captions: Tiny's shapes, at 2 blocks)
 PRESET=${PRESET:-MicroDiT_XL_2}
 XL=${XL:-"--preset MicroDiT_XL_2 --phase 1 --batch-size 256"}
 D8=${D8:-"--model {\"depth\":8,\"patch_mixer_depth\":2}"}
