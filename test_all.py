@@ -2190,6 +2190,82 @@ def test_a_second_run_on_the_same_folder_is_refused(train_data, tmp_path, monkey
     assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_stop_signal_saves_the_step_and_the_run_resumes_exactly(train_data, tmp_path,
+                                                                   monkeypatch):
+    """SIGTERM (a scheduler's warning before it kills the job) mid-phase: the run logs and
+    saves at the next log point, exits with status 75, and --resume goes on to the same
+    weights as a run never stopped. The previous handler is back afterwards."""
+    import signal
+    common = ("--steps", "8", "--ckpt-every", "100", "--log-every", "2")
+    train.main(train_args(train_data, tmp_path / "whole", *common))
+    before = signal.getsignal(signal.SIGTERM)
+    real_lr = train.learning_rate
+
+    def lr_then_signal(cfg, phase_step):
+        if phase_step == 2:  # during step 3: the log point after step 4 stops the run
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr(cfg, phase_step)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "learning_rate", lr_then_signal)
+        with pytest.raises(SystemExit) as stop:
+            train.main(train_args(train_data, tmp_path / "stopped", *common))
+    assert stop.value.code == train.PREEMPTED == 75
+    assert signal.getsignal(signal.SIGTERM) is before
+    folder = tmp_path / "stopped" / "phase1"
+    assert [Path(c).name for c in train.checkpoints(str(folder))] == ["ckpt_000000004.pt"]
+    assert [r["step"] for r in logged(tmp_path / "stopped")] == [1, 2, 3, 4]
+    assert not list(folder.glob("samples_*.png"))
+    train.main(train_args(train_data, tmp_path / "stopped", *common, "--resume"))
+    whole, resumed = final_checkpoint(tmp_path / "whole"), final_checkpoint(tmp_path / "stopped")
+    assert resumed["step"] == 8
+    for key, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(train_data, tmp_path):
+    """Under torchrun a signal may reach one worker only: the ranks agree at the next log
+    point, both save the same step and stop."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time as time_module
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = train_args(train_data, tmp_path, "--steps", "400", "--ckpt-every", "1000",
+                      "--log-every", "2", "--micro-batch", "4")
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            f"--master_port={port}", "train.py", *args],
+                           cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "phase1" / "log.jsonl"
+
+    def rank(pid):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(kv.split(b"=", 1) for kv in environ if b"=" in kv).get(b"RANK")
+
+    try:
+        deadline = time_module.time() + 120
+        while time_module.time() < deadline and not (log.exists()
+                                                     and log.read_text().count("\n") >= 2):
+            time_module.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        assert sorted(rank(pid) for pid in workers) == [b"0", b"1"], workers
+        os.kill(int(next(pid for pid in workers if rank(pid) == b"1")), signal.SIGTERM)
+        _, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.returncode != 0 and "exitcode  : 75" in err, err[-3000:]
+    (saved,) = train.checkpoints(str(tmp_path / "phase1"))
+    step = train.load_checkpoint(saved)["step"]
+    assert 2 <= step < 400 and step % 2 == 0
+    assert logged(tmp_path)[-1]["step"] == step
+    assert f"stopped by SIGTERM at step {step}" in err
+
+
 def test_init_follows_the_phase_and_takes_bare_weights(train_data, tmp_path):
     out = tmp_path / "run"
     common = ["--steps", "2", "--ckpt-every", "2"]

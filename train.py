@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=8 train.py --phase 2 --out runs/xl   # phase 1's end, and its data
 
 Rerunning a command resumes from the phase's latest checkpoint, with the recipe the
-checkpoint was trained with except what the command line sets again.
+checkpoint was trained with except what the command line sets again. SIGTERM or SIGUSR1 (a
+scheduler about to kill the job) saves a checkpoint at the next log point and exits with
+status 75: rerun with --resume.
 
 One loop, top to bottom: schedule, micro-steps, step (and EMA), log, checkpoint/samples.
 The log is read every --log-every steps, and always before a checkpoint or a grid. The same
@@ -23,6 +25,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -718,6 +721,41 @@ def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device, dtyp
             m.to("cpu")
 
 
+PREEMPTED = 75  # exit status after a stop by signal: EX_TEMPFAIL, "try again" (with --resume)
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1, what schedulers send before they kill a job (preemption, a time
+    limit with Slurm's --signal, a spot machine reclaimed): the run saves a checkpoint at the
+    next log point (every --log-every steps) and exits with status PREEMPTED. The handlers
+    only note the signal; the ranks agree on it at the log points (one all-reduce there), as
+    a signal may reach some ranks only. Handlers can only be set from the main thread; the
+    previous ones come back when `held` closes."""
+
+    NAMES = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, held):
+        self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.NAMES:
+            if hasattr(signal, name):  # Windows has no SIGUSR1
+                sig = getattr(signal, name)
+                held.callback(signal.signal, sig, signal.signal(sig, self.note))
+
+    def note(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device, world):
+        """The signal any rank received, or None: a collective under torchrun."""
+        if world == 1:
+            return self.received
+        flag = torch.tensor([self.NAMES.index(self.received) + 1 if self.received else 0],
+                            device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return self.NAMES[int(flag.item()) - 1] if flag.item() else None
+
+
 def take_run_lock(held, out, phase):
     """An exclusive lock on a phase of a run, held until `held` (an ExitStack) closes: a
     second run on the same --out (started twice by hand, or requeued by a scheduler while
@@ -947,6 +985,13 @@ def train_phase(argv, held):
     pending, t_read = [], time.perf_counter()
     writer = CheckpointWriter(background=device.type == "cuda")
     held.callback(writer.wait)  # a write in flight ends before the lock is let go
+    signals = StopSignals(held)
+
+    def leave():  # before a stop that is not the phase's end
+        writer.close()
+        bar.close()
+        if world > 1:
+            dist.destroy_process_group()
     host = HostSnapshot(pin=device.type == "cuda") if writer.background and master else None
     while step < end:
         phase_step = step - phase_start
@@ -1006,6 +1051,9 @@ def train_phase(argv, held):
                                                   or step == end)
         if len(pending) < cfg["log_every"] and not (save_now or sample_now):
             continue  # nothing to read, write or draw this step
+        stop_by = signals.agreed(device, world) if step < end else None  # the same on all ranks
+        if stop_by is not None:  # save now; no grid: a scheduler gives little time
+            save_now, sample_now = True, False
         rows = torch.stack([values for *_, values in pending]).tolist()
         dt = (time.perf_counter() - t_read) / len(pending)  # the mean over the steps read
         stop_at = None
@@ -1038,10 +1086,7 @@ def train_phase(argv, held):
             bar.update(len(pending))
         pending = []
         if stop_at is not None:
-            writer.close()
-            bar.close()
-            if world > 1:
-                dist.destroy_process_group()
+            leave()
             sys.exit(f"stopping: {cfg['max_bad_steps']} steps in a row with non-finite "
                      f"gradients at step {stop_at}. The last good checkpoint in {folder} is "
                      f"intact; lower --lr or --grad-clip and resume from it.")
@@ -1083,6 +1128,13 @@ def train_phase(argv, held):
             save_sample_grid(ema_state or model_state, model_cfg, encoders, prompts, path, device,
                              cfg["dtype"])
             tqdm.write(f"step {step}: samples in {path}")
+        if stop_by is not None:
+            leave()  # the checkpoint is on disk before the process ends
+            if master:
+                print(f"stopped by {stop_by} at step {step}, phase {cfg['phase']} not finished: "
+                      f"the checkpoint of this step is in {folder}; to go on, run the same "
+                      f"command with --resume", file=sys.stderr)
+            sys.exit(PREEMPTED)
         t_read = time.perf_counter()  # checkpoints and grids are not training time
     writer.close()
     bar.close()
