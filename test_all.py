@@ -2236,8 +2236,24 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(train_data,
         port = sock.getsockname()[1]
     args = train_args(train_data, tmp_path, "--steps", "400", "--ckpt-every", "1000",
                       "--log-every", "2", "--micro-batch", "4")
+    # train.py with a slow disk on rank 0, and each rank's exit time recorded: no rank may
+    # leave before the checkpoint is written (torchrun kills the rest 30 s after one exits)
+    wrapper = tmp_path / "slow_train.py"
+    wrapper.write_text(f"""import atexit, os, sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import train
+real_save = train.save_checkpoint
+def slow_save(folder, state, keep):
+    time.sleep(2)
+    real_save(folder, state, keep)
+    open({str(tmp_path / "written")!r}, "w").write(repr(time.time()))
+train.save_checkpoint = slow_save
+atexit.register(lambda: open({str(tmp_path)!r} + "/exit" + os.environ["RANK"], "w").write(
+    repr(time.time())))
+train.cli(sys.argv[1:])
+""")
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            f"--master_port={port}", "train.py", *args],
+                            f"--master_port={port}", str(wrapper), *args],
                            cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "phase1" / "log.jsonl"
@@ -2246,6 +2262,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(train_data,
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         return dict(kv.split(b"=", 1) for kv in environ if b"=" in kv).get(b"RANK")
 
+    workers = []
     try:
         deadline = time_module.time() + 120
         while time_module.time() < deadline and not (log.exists()
@@ -2256,14 +2273,20 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(train_data,
         assert sorted(rank(pid) for pid in workers) == [b"0", b"1"], workers
         os.kill(int(next(pid for pid in workers if rank(pid) == b"1")), signal.SIGTERM)
         _, err = run.communicate(timeout=300)
-    finally:
-        run.kill()
+    finally:  # the workers have sessions of their own: killing torchrun leaves them running
+        for pid in [run.pid, *workers]:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert run.returncode != 0 and "exitcode  : 75" in err, err[-3000:]
     (saved,) = train.checkpoints(str(tmp_path / "phase1"))
     step = train.load_checkpoint(saved)["step"]
     assert 2 <= step < 400 and step % 2 == 0
     assert logged(tmp_path)[-1]["step"] == step
     assert f"stopped by SIGTERM at step {step}" in err
+    written = float((tmp_path / "written").read_text())
+    assert all(float((tmp_path / f"exit{r}").read_text()) >= written for r in (0, 1))
 
 
 def test_init_follows_the_phase_and_takes_bare_weights(train_data, tmp_path):

@@ -753,7 +753,8 @@ class StopSignals:
         flag = torch.tensor([self.NAMES.index(self.received) + 1 if self.received else 0],
                             device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return self.NAMES[int(flag.item()) - 1] if flag.item() else None
+        agreed = int(flag.item())
+        return self.NAMES[agreed - 1] if agreed else None
 
 
 def take_run_lock(held, out, phase):
@@ -988,10 +989,15 @@ def train_phase(argv, held):
     signals = StopSignals(held)
 
     def leave():  # before a stop that is not the phase's end
-        writer.close()
-        bar.close()
-        if world > 1:
-            dist.destroy_process_group()
+        try:
+            writer.close()  # the checkpoint in flight is on disk (or its error raised)
+        finally:
+            bar.close()
+            if world > 1:
+                # no rank exits before rank 0's write ends: torchrun takes a rank's non-zero
+                # exit for a failure and kills the other ranks 30 s later
+                dist.barrier()
+                dist.destroy_process_group()
     host = HostSnapshot(pin=device.type == "cuda") if writer.background and master else None
     while step < end:
         phase_step = step - phase_start
@@ -1054,6 +1060,8 @@ def train_phase(argv, held):
         stop_by = signals.agreed(device, world) if step < end else None  # the same on all ranks
         if stop_by is not None:  # save now; no grid: a scheduler gives little time
             save_now, sample_now = True, False
+        elif step == end and signals.received:  # too late to stop: the phase ends here
+            sample_now = False
         rows = torch.stack([values for *_, values in pending]).tolist()
         dt = (time.perf_counter() - t_read) / len(pending)  # the mean over the steps read
         stop_at = None
