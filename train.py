@@ -225,13 +225,20 @@ def check_numbers(cfg):
     need(0 <= cfg["min_lr_ratio"] <= 1, "min_lr_ratio", "must be in [0, 1]")
 
 
+def recorded_config(start):
+    """The run config a starting checkpoint recorded ({} for bare weights), with its --data
+    absolute: runs before 2026-11-26 recorded it as given."""
+    saved = dict((start or {}).get("config") or {})
+    if saved.get("data") not in (None, "demo"):
+        saved["data"] = absolute_sources(saved["data"])
+    return saved
+
+
 def resumed_config(cfg, given, saved, note):
     """A resumed run trains on with its checkpoint's recipe, except for what the command line
     sets again: a command without the original --steps or --lr does not change the
     schedule. Changes asked for are listed."""
     cfg = dict(cfg)
-    if saved.get("data") not in (None, "demo"):  # runs before 2026-11-26 kept it as given
-        saved = {**saved, "data": absolute_sources(saved["data"])}
     changed = []
     for key in RECIPE_KEYS:
         if key not in saved:
@@ -405,9 +412,8 @@ class CheckpointWriter:
 
     def close(self):
         """Wait for the write in flight, and raise its error if it failed."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        self.wait()
+        self.thread = None
         if self.error is not None:
             error, self.error = self.error, None
             raise error
@@ -819,7 +825,7 @@ def train_phase(argv, held):
             raise ValueError(f"{e}. Checkpoints are written whole or not at all, so it was "
                              f"damaged after: move it away to resume from the one "
                              f"before") from None
-        cfg = resumed_config(cfg, given, start["config"], note=master)
+        cfg = resumed_config(cfg, given, recorded_config(start), note=master)
         if cfg["init"] and master:
             print(f"--init {cfg['init']} left unused: phase {cfg['phase']} resumes from its "
                   f"own latest checkpoint, {existing[-1]}")
@@ -831,7 +837,7 @@ def train_phase(argv, held):
     # twice it, as released): a fresh run's own --res, else the run it continues; weights
     # without a run's config (a released .pt, an export) bring their own grid, worked out
     # once the data's latent size is known
-    saved = (start or {}).get("config") or {}
+    saved = recorded_config(start)
     if "base_res" not in given:
         cfg["base_res"] = saved.get("base_res") or (cfg["res"] if start is None else None)
     # a phase that continues a run keeps its scale: phases 1 and 2 at the run's base
@@ -839,7 +845,7 @@ def train_phase(argv, held):
     if saved.get("base_res") and not resume and "res" not in given:
         cfg["res"] = saved["base_res"] * PHASES[cfg["phase"]]["res"] // PHASES[1]["res"]
     if not cfg["data"] and saved.get("data"):
-        cfg["data"] = absolute_sources(saved["data"])
+        cfg["data"] = saved["data"]
         if master:
             print(f"--data: {cfg['data']}, the data the starting checkpoint trained on")
             if cfg["res"] > saved.get("res", cfg["res"]):
@@ -988,7 +994,7 @@ def train_phase(argv, held):
     held.callback(writer.wait)  # a write in flight ends before the lock is let go
     signals = StopSignals(held)
 
-    def leave():  # before a stop that is not the phase's end
+    def leave():  # the end of the loop, whichever it is
         try:
             writer.close()  # the checkpoint in flight is on disk (or its error raised)
         finally:
@@ -1144,13 +1150,10 @@ def train_phase(argv, held):
                       f"command with --resume", file=sys.stderr)
             sys.exit(PREEMPTED)
         t_read = time.perf_counter()  # checkpoints and grids are not training time
-    writer.close()
-    bar.close()
+    leave()
     if master:
         log_file.close()
         print(f"done: phase {cfg['phase']} finished at step {step}; checkpoints in {folder}")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 OUT_OF_MEMORY_ADVICE = """\
