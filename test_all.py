@@ -2227,13 +2227,8 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(train_data,
     """Under torchrun a signal may reach one worker only: the ranks agree at the next log
     point, both save the same step and stop."""
     import signal
-    import socket
     import subprocess
-    import sys
     import time as time_module
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     args = train_args(train_data, tmp_path, "--steps", "400", "--ckpt-every", "1000",
                       "--log-every", "2", "--micro-batch", "4")
     # train.py with a slow disk on rank 0, and each rank's exit time recorded: no rank may
@@ -2252,8 +2247,7 @@ atexit.register(lambda: open({str(tmp_path)!r} + "/exit" + os.environ["RANK"], "
     repr(time.time())))
 train.cli(sys.argv[1:])
 """)
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            f"--master_port={port}", str(wrapper), *args],
+    run = subprocess.Popen([*launcher(2), str(wrapper), *args],
                            cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "phase1" / "log.jsonl"
@@ -3046,16 +3040,24 @@ def test_sample_refuses_pixel_space_for_a_latent_model(tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
-def run_train(args, out, processes=1, expect=0):
+def launcher(processes):
+    """python, or torchrun with `processes` workers on a free port (a fixed one fails when
+    another suite runs)."""
     import socket
-    import subprocess
     import sys
-    with socket.socket() as s:  # a free port: a fixed one fails when another suite runs
+    if processes == 1:
+        return [sys.executable]
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                 f"--master_port={port}"] if processes > 1 else [sys.executable])
-    done = subprocess.run([*launcher, "train.py", *[a.replace("OUT", str(out)) for a in args]],
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            f"--master_port={port}"]
+
+
+def run_train(args, out, processes=1, expect=0):
+    import subprocess
+    done = subprocess.run([*launcher(processes), "train.py",
+                           *[a.replace("OUT", str(out)) for a in args]],
                           cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True)
     assert (done.returncode == 0) == (expect == 0), done.stderr[-3000:]
