@@ -3971,7 +3971,8 @@ def test_moe_layers_run_under_cpu_bf16_autocast():
 def test_bench_memory_cap_needs_cuda():
     import bench
     with pytest.raises(SystemExit, match="needs a CUDA device"):
-        bench.main(["--quick", "--max-memory-gb", "10", "--skip", "train", "sample", "data"])
+        bench.main(["--quick", "--device", "cpu", "--max-memory-gb", "10",
+                    "--skip", "train", "sample", "data"])
 
 
 # ----------------------------------------------------------------------------- experiments.py

@@ -5,6 +5,9 @@
 #       steps beside the write), then a depth-8 model with --profile (device idle gaps) and,
 #       if time is left, with coordinate-descent tuning
 #   bash docs/bench/gpu_session.sh E   (~450 s) depth 8: max-autotune-no-cudagraphs vs default
+#   bash docs/bench/gpu_session.sh F   (~560 s) C in less time: the loop's saves timed eager
+#       (micro-batch 64: the snapshot's cost does not depend on compiling, which takes 3
+#       minutes), then depth 8 compiled: default with --profile, CUDA graphs, coordinate descent
 # The GPU machine has torch but no open_clip or pytest and no internet: put their wheels in
 # .whl/ first (pip download open_clip_torch ftfy wcwidth -d .whl --no-deps --python-version
 # 3.12 --only-binary :all:, and pytest's into .whl/pytest), and carry .whl with the call.
@@ -41,4 +44,20 @@ fi
 if [ "$1" = E ]; then
   echo "== depth 8 max-autotune $SECONDS"; timeout 400 python3 bench.py $XL $D8 --masks 0.75 --compile on --compile-mode max-autotune-no-cudagraphs --rounds 8 --warmup 3 --skip sample data --json $OUT/d8_ma.json > $OUT/d8_ma.txt 2>&1; echo rc $? at $SECONDS; grep "^train" $OUT/d8_ma.txt
   echo "== depth 8 default again $SECONDS"; timeout 150 python3 bench.py $XL $D8 --masks 0.75 --compile on --rounds 8 --warmup 3 --skip sample data > $OUT/d8_default2.txt 2>&1; grep "^train" $OUT/d8_default2.txt
+fi
+if [ "$1" = F ]; then
+  echo "== checkpoint snapshot $SECONDS"; timeout 120 python3 bench.py --preset $PRESET --checkpoint --rounds 3 --skip train sample data --json $OUT/ckpt.json 2>&1 | tail -2
+  [ -d /tmp/fake ] || python3 data.py bench --data /tmp/fake --fake-samples 4096 --batches 1 > $OUT/data.txt 2>&1
+  echo "== train loop eager, checkpoints $SECONDS"; rm -rf /tmp/run
+  timeout -s INT 180 python3 train.py $XL --micro-batch ${MB:-64} --no-compile $TRAIN_EXTRA --data /tmp/fake --steps 120 --log-every 10 --sample-every 0 --ckpt-every 40 --keep 1 --out /tmp/run > $OUT/train.txt 2>&1; echo rc $? at $SECONDS
+  tr '\r' '\n' < $OUT/train.txt | grep -E "^step .*checkpoint|^done|Error|error" | head; cp /tmp/run/phase1/log.jsonl $OUT/ 2>/dev/null
+  python3 -c "
+import json; r=[json.loads(l) for l in open('/tmp/run/phase1/log.jsonl')]
+print(' '.join(f\"{x['step']}:{x['ms_per_step']:.1f}\" for x in r[9::10]))"
+  for v in default graphs cd; do
+    [ $SECONDS -gt 480 ] && break
+    I='{}'; P=""; [ $v = default ] && P="--profile"
+    [ $v = graphs ] && I='{"triton.cudagraphs": true}'; [ $v = cd ] && I='{"coordinate_descent_tuning": true}'
+    echo "== depth 8 $v $SECONDS"; timeout $((570 - SECONDS)) python3 bench.py $XL $D8 --masks 0.75 --compile on --inductor "$I" $P --rounds 8 --warmup 3 --skip sample data --json $OUT/d8_$v.json > $OUT/d8_$v.txt 2>&1; echo rc $? at $SECONDS; grep "^train" $OUT/d8_$v.txt; grep -A6 "device idle" $OUT/d8_$v.txt
+  done
 fi
