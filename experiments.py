@@ -26,10 +26,13 @@ other, so they would not give equal budgets); each run's measured training time 
 The results go to OUT/results.md (markdown tables), OUT/results.json and OUT/plot.png
 (held-out loss against training compute, every run), rewritten after each run. Each run's
 figures are also kept in its folder (result.json): a rerun, after a stop or with more
-tables, reuses the runs done with the same settings instead of evaluating them again.
+tables, reuses the runs done with the same settings and evaluation code instead of
+evaluating them again.
 """
 import argparse
 import dataclasses
+import hashlib
+import inspect
 import json
 import os
 import statistics
@@ -49,6 +52,8 @@ HELD_OUT_SIGMAS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0]
 HELD_OUT = 256  # images, drawn from HELD_OUT_DRAWS of data seed 1
 HELD_OUT_DRAWS = 640
 EVAL_IMAGES = 128
+# the modules a run's figures come from, besides held_out_loss (see evaluation_code)
+EVAL_CODE = ["diffusion.py", "eval.py", "mixer.py", "model.py", "moe.py", "sample.py"]
 PRESET = "MicroDiT_CPU_2"
 RES = 16
 NO_MIXER = {"patch_mixer_depth": 0}
@@ -122,14 +127,25 @@ def held_out_loss(net, held_out, rows):
     return float(np.mean(losses)), losses
 
 
+def evaluation_code():
+    """A digest of the code that loads, samples and judges a checkpoint: EVAL_CODE's files
+    and held_out_loss. Editing the tables or the runs here leaves it as it is."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256(inspect.getsource(held_out_loss).encode())
+    for name in EVAL_CODE:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
 def evaluate(folder, held_out, rows, images, steps):
     """The run's figures, from its folder's result.json when they were made from the very
     same checkpoint file (path, size, modification time: a run trained again is judged
-    again) with the same evaluation settings. A change to the evaluation code is not seen:
-    delete the result.json files (or give another --out) after one."""
+    again) by the same evaluation code with the same settings."""
     ckpt = train.checkpoints(train.phase_dir(folder, 1))[-1]
-    settings = {"checkpoint": file_identity(ckpt), "eval_images": images,
-                "eval_steps": steps, "held_out": HELD_OUT, "held_out_sigmas": HELD_OUT_SIGMAS}
+    settings = {"checkpoint": file_identity(ckpt), "code": evaluation_code(),
+                "eval_images": images, "eval_steps": steps, "held_out": HELD_OUT,
+                "held_out_sigmas": HELD_OUT_SIGMAS}
     cache = os.path.join(folder, "result.json")
     if os.path.exists(cache):
         with open(cache) as f:

@@ -4001,6 +4001,17 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.undo()
     experiments.main(argv)  # judged again: the same file content gives the same figures
     assert json.loads((out / "results.json").read_text()) == results
+    # ... nor those judged by other code: the digest reads the evaluation modules' contents
+    extra = tmp_path / "judge.py"
+    extra.write_text("# one version")
+    monkeypatch.setattr(experiments, "EVAL_CODE", [*experiments.EVAL_CODE, str(extra)])
+    before = experiments.evaluation_code()
+    extra.write_text("# another")
+    assert experiments.evaluation_code() != before
+    monkeypatch.setattr(experiments, "evaluate_shapes", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        experiments.main(argv)
+    monkeypatch.undo()
     assert [r["name"] for r in results] == ["deferred 75% (mixer)", "token-choice top-2",
                                             "no layer-wise scaling"]
     table = (out / "results.md").read_text()
