@@ -217,9 +217,12 @@ def bench_training(args, cfg, device, autocast, peak):
         activities = [ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        with profile(activities=activities) as prof:
+        # the Python stack, for a trace: what the host was doing while the device waited
+        with profile(activities=activities, with_stack=bool(args.trace)) as prof:
             fn()
             fn()
+        if args.trace:  # a .gz name is compressed; opens in ui.perfetto.dev
+            prof.export_chrome_trace(args.trace)
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=30))
         by_kind = time_by_kind(prof, device, steps=2)
@@ -415,6 +418,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="profile two training steps first "
                                                            "(the last variant): the top "
                                                            "operators and the time by kind")
+    p.add_argument("--trace", metavar="FILE.json.gz", help="with --profile: also write its "
+                   "timeline (host Python, operators, kernels) for ui.perfetto.dev")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--max-memory-gb", type=float, help="CUDA: refuse allocations beyond this, "
                                                        "to check a fit on a smaller card")
@@ -427,6 +432,7 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.masks = sorted(set(args.masks or [0.0, PHASES[args.phase]["mask_ratio"]]))
+    args.profile = args.profile or bool(args.trace)
     try:
         if not all(0 <= m < 1 for m in args.masks):
             raise ValueError(f"--masks {args.masks}: each must be in [0, 1) (at least one "

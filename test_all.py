@@ -3826,7 +3826,7 @@ def test_bench_sampling_runs_with_guidance(monkeypatch):
     assert batches and set(batches) == {2 * 2} and len(batches) % 3 == 0
 
 
-def test_bench_profile_splits_the_step_time_by_kind(capsys):
+def test_bench_profile_splits_the_step_time_by_kind(capsys, tmp_path):
     import bench
     from torch.profiler import ProfilerActivity, profile
     # kernel names from the H200 profile of the compiled XL step (docs/bench)
@@ -3854,7 +3854,9 @@ def test_bench_profile_splits_the_step_time_by_kind(capsys):
     assert by_kind["activation (GELU, SwiGLU)"]["ms"] == pytest.approx(self_ms["aten::gelu"])
     assert sum(row["ms"] for row in by_kind.values()) == pytest.approx(sum(self_ms.values()))
 
-    results = bench.main(["--quick", "--profile", "--masks", "0.75", "--skip", "sample", "data"])
+    trace = tmp_path / "step.json.gz"
+    results = bench.main(["--quick", "--trace", str(trace), "--masks", "0.75",
+                          "--skip", "sample", "data"])  # --trace profiles too
     printed = capsys.readouterr().out
     profiled = results["train"]["profile"]
     assert profiled["variant"] == {"compile": "eager", "mask_ratio": 0.75}
@@ -3862,6 +3864,12 @@ def test_bench_profile_splits_the_step_time_by_kind(capsys):
     kinds_seen = [row["kind"] for row in profiled["ms_per_step_by_kind"]]
     assert {"matmul", "attention", "optimizer and grad clipping"} <= set(kinds_seen)
     assert "time per step by kind" in printed and kinds_seen[0] in printed
+    # the timeline of the two profiled steps, with the host's Python frames
+    import gzip
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    names = collections.Counter(e.get("name") for e in events)
+    assert names["aten::_fused_adamw_"] == 2 and names["aten::mm"] > 10
+    assert any("train_step" in name for name in names if name)  # bench.py's own frame
 
 
 def test_bench_device_gaps_merge_overlapping_kernels_and_name_the_longest_gaps():

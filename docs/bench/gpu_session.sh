@@ -8,6 +8,9 @@
 #   bash docs/bench/gpu_session.sh F   (~560 s) C in less time: the loop's saves timed eager
 #       (micro-batch 64: the snapshot's cost does not depend on compiling, which takes 3
 #       minutes), then depth 8 compiled: default with --profile, CUDA graphs, coordinate descent
+#   bash docs/bench/gpu_session.sh G   (~150 s) depth 8 with --trace: the timeline of two steps
+#       with the host's Python frames, to see what the host does in the device's idle gaps
+#       at the compiled model's edges (second H100 loan: 7 ms of 75 per step)
 # The GPU machine has torch but no open_clip or pytest and no internet: put their wheels in
 # .whl/ first (pip download open_clip_torch ftfy wcwidth -d .whl --no-deps --python-version
 # 3.12 --only-binary :all:, and pytest's into .whl/pytest), and carry .whl with the call.
@@ -60,4 +63,7 @@ print(' '.join(f\"{x['step']}:{x['ms_per_step']:.1f}\" for x in r[9::10]))"
     [ $v = graphs ] && I='{"triton.cudagraphs": true}'; [ $v = cd ] && I='{"coordinate_descent_tuning": true}'
     echo "== depth 8 $v $SECONDS"; timeout $((570 - SECONDS)) python3 bench.py $XL $D8 --masks 0.75 --compile on --inductor "$I" $P --rounds 8 --warmup 3 --skip sample data --json $OUT/d8_$v.json > $OUT/d8_$v.txt 2>&1; echo rc $? at $SECONDS; grep "^train" $OUT/d8_$v.txt; grep -A6 "device idle" $OUT/d8_$v.txt
   done
+fi
+if [ "$1" = G ]; then
+  echo "== depth 8 trace $SECONDS"; timeout 240 python3 bench.py $XL $D8 --masks 0.75 --compile on --trace $OUT/d8_trace.json.gz --rounds 8 --warmup 3 --skip sample data --json $OUT/d8_trace.json > $OUT/d8_trace.txt 2>&1; echo rc $? at $SECONDS; grep "^train" $OUT/d8_trace.txt; grep -A6 "device idle" $OUT/d8_trace.txt; ls -la $OUT
 fi
