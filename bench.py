@@ -418,8 +418,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="profile two training steps first "
                                                            "(the last variant): the top "
                                                            "operators and the time by kind")
-    p.add_argument("--trace", metavar="FILE.json.gz", help="with --profile: also write its "
-                   "timeline (host Python, operators, kernels) for ui.perfetto.dev")
+    p.add_argument("--trace", metavar="FILE.json.gz", help="profile as --profile does and "
+                   "write the timeline (host Python, operators, kernels) for ui.perfetto.dev")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--max-memory-gb", type=float, help="CUDA: refuse allocations beyond this, "
                                                        "to check a fit on a smaller card")
