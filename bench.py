@@ -16,14 +16,15 @@
 Every comparison (mask 0.75 against mask 0, compiled against eager) is measured side by
 side: the variants take turns, one timed step each, and each figure is the median over its
 turns, so a slow spell of a noisy machine hits both alike. The training step is train.py's
-one micro-batch step (EDM loss with masking, backward, the clip inside the fused AdamW, the
-same precision rule), on random latents and without the loop around it (data loading,
-seeded noise, accumulation, logging: train.py's log.jsonl times those). MFU is model FLOPs
+own train_step (seeded noise, EDM loss with masking, backward, the clip inside the fused
+AdamW, the statistics it logs, the same precision rule) on one batch of random latents,
+without the loop around it (data loading, logging: train.py's log.jsonl times those). MFU is model FLOPs
 (model.py's count, forward + backward) per second over the device's dense bf16 peak; it is
 reported on CUDA, or anywhere with --peak-tflops.
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import resource
 import statistics
@@ -32,13 +33,13 @@ import time
 
 import torch
 
-from diffusion import edm_loss, heun_sample
+from checkpoint import HostSnapshot, gathered, optimizer_state
+from diffusion import heun_sample
 from mixer import num_kept
-from model import PRESETS, MicroDiT, block_ratios, count_params, qkv_hidden, train_flops_per_image
-from sample import PRECISIONS, precision
-from train import (COMPILE_MODES, PHASES, HostSnapshot, clip_in_optimizer, gathered,
-                   inductor_options, model_overrides, optimizer_state, peak_flops,
-                   set_inductor_options)
+from model import (PRECISIONS, PRESETS, MicroDiT, block_ratios, count_params, precision,
+                   qkv_hidden, train_flops_per_image)
+from parallel import COMPILE_MODES, inductor_options, peak_flops, set_inductor_options
+from train import PHASES, RUN_DEFAULTS, json_flag, model_overrides, train_step
 
 DEFAULTS = dict(preset="MicroDiT_Tiny_2", res=256, batch_size=8, rounds=8, warmup=2,
                 sample_steps=30, sample_batch=8, data_batch=2048)
@@ -77,15 +78,6 @@ def make_batch(cfg, batch_size, device, seed=0):
     x = torch.randn(batch_size, cfg.in_channels, s, s, generator=g)
     y = torch.randn(batch_size, 77, cfg.caption_channels, generator=g)
     return x.to(device), y.to(device)
-
-
-def train_step(model, optimizer, x, y, mask_ratio, p_mean, p_std, grad_clip, autocast):
-    with autocast:
-        loss = edm_loss(model, x, y, mask_ratio, p_mean, p_std)
-    loss.backward()
-    clip_in_optimizer(optimizer, grad_clip)  # as train.py: no host sync, no extra pass
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def alternate(variants, rounds, warmup, device):
@@ -201,15 +193,16 @@ def bench_training(args, cfg, device, autocast, peak):
     raw = MicroDiT(cfg).to(device)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-5, fused=True)
     x, y = make_batch(cfg, args.batch_size, device)
+    batches = itertools.repeat({"latents": x, "captions": y})
     models = {"eager": raw, "compiled": torch.compile(raw, mode=args.compile_mode)}
     kinds = {"off": ["eager"], "on": ["compiled"], "both": ["eager", "compiled"]}[args.compile]
     masks = args.masks
     variants = {}
     for kind in kinds:
         for m in masks:
-            variants[(kind, m)] = (lambda model=models[kind], m=m: train_step(
-                model, optimizer, x, y, m, phase["p_mean"], phase["p_std"], phase["grad_clip"],
-                autocast))
+            run = dict(phase, **RUN_DEFAULTS, mask_ratio=m)
+            variants[(kind, m)] = (lambda model=models[kind], run=run: train_step(
+                model, raw, optimizer, batches, run, step=0, autocast=autocast))
     if args.profile:  # where the time of a step goes, by operator (compiled when compiling)
         from torch.profiler import ProfilerActivity, profile
         fn = variants[(kinds[-1], masks[-1])]
@@ -287,7 +280,7 @@ def bench_checkpoint(args, cfg, device):
     def reused():
         snapshot = gathered(raw.state_dict(), True, host, "model."), optimizer_state(
             optimizer, True, host)
-        host.taken()
+        host.mark_copied()
         return snapshot
 
     def timed(fn):
@@ -324,7 +317,7 @@ def bench_sampling(args, cfg, device, autocast):
 
     def run():
         with autocast:
-            heun_sample(model, noise, y, args.sample_steps, cfg=5.0)
+            heun_sample(model, noise, y, args.sample_steps, guidance=5.0)
     s = alternate({"sample": run}, max(1, args.rounds // 4), 1, device)["sample"]
     return {"steps": args.sample_steps, "batch": args.sample_batch, "cfg": 5.0,
             "network_calls": 2 * args.sample_steps - 1, "seconds_per_batch": s,
@@ -437,7 +430,7 @@ def main(argv=None):
         if not all(0 <= m < 1 for m in args.masks):
             raise ValueError(f"--masks {args.masks}: each must be in [0, 1) (at least one "
                              f"patch must stay)")
-        set_inductor_options(inductor_options(args.inductor))
+        set_inductor_options(inductor_options(json_flag("--inductor", args.inductor)))
         overrides = model_overrides(args.model)
     except ValueError as e:
         raise SystemExit(f"error: {e}")

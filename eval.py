@@ -81,7 +81,7 @@ from data import atomic_write, caption_of, command_error, process_env, read_coco
 from data import render_shapes, resize_center_crop, sample_attributes, settings_changes
 from data import to_rgb, write_json
 from inception import INCEPTION_URL, RANDOM, he_init, load_inception, sha256_of
-from sample import check_device, load_pipeline
+from sample import GUIDANCE_MEANING, check_device, check_guidance, load_pipeline
 from text import TINY_RANDOM
 
 ATTRIBUTES = ("shape", "color", "size", "position")
@@ -399,7 +399,7 @@ def coco_generate(args, rank=0, world_size=1):
         images = generate(pipe.net, pipe.text_encoder, pipe.vae,
                           [chosen[i]["caption"] for i in indices],
                           seed=batch_seed(args.seed, indices.start // B), steps=args.steps,
-                          cfg=args.cfg, batch_size=B, device=pipe.device)
+                          guidance=args.cfg, batch_size=B, device=pipe.device)
         for i, image in zip(indices, images):
             meta = PngImagePlugin.PngInfo()
             meta.add_text("caption", chosen[i]["caption"])
@@ -592,8 +592,9 @@ def held_out_attributes(rng, n, exclude):
     return asked
 
 
-def evaluate_shapes(ckpt, n, seed, steps, cfg, device, train_data=None):
-    from sample import generate, load_dit
+def evaluate_shapes(ckpt, n, seed, steps, guidance, device, train_data=None):
+    from checkpoint import load_dit
+    from sample import generate
     from text import load_text_encoder
     net, info = load_dit(ckpt, device=device)
     if info.get("vae") not in (None, "none") or net.cfg.in_channels != 3:
@@ -607,7 +608,7 @@ def evaluate_shapes(ckpt, n, seed, steps, cfg, device, train_data=None):
     seen = training_captions(ckpt, info, train_data)
     asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
     images = generate(net, text_encoder, None,
-                      [caption_of(a) for a in asked], seed=seed, steps=steps, cfg=cfg,
+                      [caption_of(a) for a in asked], seed=seed, steps=steps, guidance=guidance,
                       batch_size=64, device=device)
     scores = prompt_following(images, asked)
     real = render_set(asked, images.shape[-1])
@@ -622,17 +623,20 @@ def evaluate_shapes(ckpt, n, seed, steps, cfg, device, train_data=None):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     shapes = sub.add_parser("shapes", help="prompt following and Frechet distance on the "
                                            "built-in shapes data (no download)")
     shapes.add_argument("--ckpt", required=True)
-    shapes.add_argument("--n", type=int, default=200)
-    shapes.add_argument("--seed", type=int, default=1234)
-    shapes.add_argument("--steps", type=int, default=30)
-    shapes.add_argument("--cfg", type=float, default=3.0)
+    shapes.add_argument("--n", type=int, default=200, help="held-out captions, one image "
+                                                           "each (default 200)")
+    shapes.add_argument("--seed", type=int, default=1234, help="picks the captions and the "
+                                                               "noise (default 1234)")
+    shapes.add_argument("--steps", type=int, default=30, help="Heun steps (default 30)")
+    shapes.add_argument("--cfg", type=float, default=3.0,
+                        help=f"guidance scale, {GUIDANCE_MEANING} (default 3)")
     shapes.add_argument("--grid", help="also save the first 32 images as a grid PNG here")
     shapes.add_argument("--train-data", help="the data the model was trained on, whose "
                                              "captions are held out (default: the folder its "
@@ -655,9 +659,9 @@ def parse_args(argv=None):
                       help="images (5000: FID-5K); under torchrun spell it --num-images, as "
                            "torchrun's own parser reads --n as an abbreviation")
     coco.add_argument("--seed", type=int, default=0, help="picks the captions and the noise")
-    coco.add_argument("--steps", type=int, default=30)
+    coco.add_argument("--steps", type=int, default=30, help="Heun steps (default 30)")
     coco.add_argument("--cfg", type=float, default=5.0,
-                      help="guidance scale (1: none; 5: the released default)")
+                      help=f"guidance scale, {GUIDANCE_MEANING} (default 5, as released)")
     coco.add_argument("--batch-size", type=int, default=32,
                       help="images per seed-batch: part of the protocol, like --seed")
     coco.add_argument("--out", required=True, help="images/, captions.json, result.json")
@@ -694,6 +698,8 @@ def run(args):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at "
                              f"least {low}" + (" (a Frechet distance needs 2 images)"
                                                if low == 2 else ""))
+    if args.command != "fid":
+        check_guidance(args.cfg)
     if args.command == "shapes":
         scores, images, _ = evaluate_shapes(args.ckpt, args.n, args.seed, args.steps, args.cfg,
                                             device, args.train_data)

@@ -46,14 +46,16 @@ from data import LatentDataset, atomic_write, ensure_demo_data, write_json
 from diffusion import edm_loss_per_sample
 from eval import evaluate_shapes, file_identity
 from model import PRESETS, DiTConfig, train_flops_per_image
-from sample import load_dit, slug
+from checkpoint import checkpoints, load_dit, phase_dir
+from sample import slug
 
 HELD_OUT_SIGMAS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0]
 HELD_OUT = 256  # images, drawn from HELD_OUT_DRAWS of data seed 1
 HELD_OUT_DRAWS = 640
 EVAL_IMAGES = 128
 # the modules a run's figures come from, besides held_out_loss (see evaluation_code)
-EVAL_CODE = ["diffusion.py", "eval.py", "mixer.py", "model.py", "moe.py", "sample.py"]
+EVAL_CODE = ["checkpoint.py", "diffusion.py", "eval.py", "mixer.py", "model.py", "moe.py",
+             "sample.py"]
 PRESET = "MicroDiT_CPU_2"
 RES = 16
 NO_MIXER = {"patch_mixer_depth": 0}
@@ -142,7 +144,7 @@ def evaluate(folder, held_out, rows, images, steps):
     """The run's figures, from its folder's result.json when they were made from the very
     same checkpoint file (path, size, modification time: a run trained again is judged
     again) by the same evaluation code with the same settings."""
-    ckpt = train.checkpoints(train.phase_dir(folder, 1))[-1]
+    ckpt = checkpoints(phase_dir(folder, 1))[-1]
     settings = {"checkpoint": file_identity(ckpt), "code": evaluation_code(),
                 "eval_images": images, "eval_steps": steps, "held_out": HELD_OUT,
                 "held_out_sigmas": HELD_OUT_SIGMAS}
@@ -154,7 +156,7 @@ def evaluate(folder, held_out, rows, images, steps):
             return saved["result"]
     net, _ = load_dit(ckpt)
     loss, per_sigma = held_out_loss(net.eval(), held_out, rows)
-    scores, _, _ = evaluate_shapes(ckpt, n=images, seed=1234, steps=steps, cfg=3.0,
+    scores, _, _ = evaluate_shapes(ckpt, n=images, seed=1234, steps=steps, guidance=3.0,
                                    device="cpu")
     result = {"held_out_loss": loss, "held_out_per_sigma": per_sigma, **scores}
     write_json(cache, {"settings": settings, "result": result})

@@ -17,11 +17,10 @@ def num_kept(num_tokens, mask_ratio):
 
 def random_ids_keep(batch, num_tokens, mask_ratio, device, generator=None):
     """Indices of the tokens to keep, [N, keep], drawn uniformly without replacement."""
-    keep = num_kept(num_tokens, mask_ratio)
     noise = torch.rand(batch, num_tokens, device=device, generator=generator)  # (N, T)
     # ascending: the tokens with the smallest noise are kept
     ids_shuffle = torch.argsort(noise, dim=1)                                  # (N, T)
-    return ids_shuffle[:, :keep]
+    return ids_shuffle[:, :num_kept(num_tokens, mask_ratio)]
 
 
 def keep_tokens(x, ids_keep):

@@ -5,13 +5,15 @@ masking, layer-wise scaling of attention and MLP widths, and expert-choice MoE i
 second block. Parameter names and shapes match the released checkpoints exactly, so
 `net.load_state_dict(torch.load(ckpt, weights_only=True))` just works.
 
-    net(x, t, y, mask_ratio=0.0, ids_keep=None) -> (out, mask)
+    net(x, t, y, mask_ratio=0.0, ids_keep=None, generator=None) -> (out, mask)
 
 x [N, C, H, W] latents, t [N] EDM noise conditioning c_noise, y [N, 1, L, Dc] or
 [N, L, Dc] caption features. out has x's shape; mask [N, T] is 1 where a patch was removed
-(None when nothing was masked).
+(None when nothing was masked). The kept patches are ids_keep when given, else drawn
+with `generator` (the training step's, which also drew the loss's noise).
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -397,7 +399,7 @@ class MicroDiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.linear.weight)
 
-    def forward(self, x, t, y, mask_ratio=0.0, ids_keep=None):
+    def forward(self, x, t, y, mask_ratio=0.0, ids_keep=None, generator=None):
         cfg = self.cfg
         N, C, H, W = x.shape
         p = cfg.patch_size
@@ -418,7 +420,7 @@ class MicroDiT(nn.Module):
         c = t_emb + self.pooled_y_emb_process(y.mean(1))                # (N, D)
 
         if ids_keep is None and mask_ratio > 0:
-            ids_keep = random_ids_keep(N, T, mask_ratio, x.device)
+            ids_keep = random_ids_keep(N, T, mask_ratio, x.device, generator)
         has_mixer = cfg.patch_mixer_depth > 0
         mask_early = ids_keep is not None and (not has_mixer or cfg.mask_before_mixer)
         if mask_early:
@@ -452,6 +454,36 @@ class MicroDiT(nn.Module):
         losses = [m.aux_loss for m in self.modules()
                   if isinstance(m, TokenChoiceMoE) and m.aux_loss is not None]
         return sum(losses) if losses else torch.zeros((), device=self.pos_embed.device)
+
+
+def check_mask_ratio(cfg, mask_ratio):
+    """Refuses a mask ratio that would keep none of cfg's patches (num_kept rounds down)."""
+    T = (cfg.input_size // cfg.patch_size) ** 2
+    if mask_ratio > 0 and num_kept(T, mask_ratio) < 1:
+        largest = (T - 1) / T
+        while num_kept(T, largest) < 1:  # (T - 1) / T can round below one kept patch
+            largest = math.nextafter(largest, 0)
+        raise ValueError(f"mask ratio {mask_ratio} keeps none of the {T} patches of a "
+                         f"{cfg.input_size} x {cfg.input_size} input in {cfg.patch_size} x "
+                         f"{cfg.patch_size} patches; the largest ratio that keeps one is "
+                         f"{largest!r}")
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def precision(device, dtype="auto"):
+    """The project's one precision rule, for training, sampling and benchmarks: bf16 autocast
+    on CUDA and float32 elsewhere ('auto'), or as asked. Returns (autocast context or a null
+    one, the compute dtype); weights stay float32 either way."""
+    if dtype not in PRECISIONS:
+        raise ValueError(f"precision {dtype!r}: choose from {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if dtype == torch.float32:
+        return nullcontext(), dtype
+    return torch.autocast(device.type, dtype=dtype), dtype
 
 
 def count_params(net):

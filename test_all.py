@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import data
 import model as model_lib
 from data import LatentLoader, PrepareConfig, prepare
-from diffusion import denoise, edm_loss, guided, heun_sample, sigma_steps
+from diffusion import SIGMA_BUCKETS, denoise, edm_loss, guided, heun_sample, sigma_bucket, sigma_steps
 from mixer import keep_tokens, num_kept, random_ids_keep, removed_mask, restore_tokens
 from model import PRESETS, DiTConfig, MicroDiT, count_params, forward_flops
 from moe import ExpertChoiceMoE, TokenChoiceMoE, num_tokens_per_expert
@@ -397,7 +397,7 @@ class IdealGaussianNet(torch.nn.Module):
         super().__init__()
         self.s = s
 
-    def forward(self, x_in, c_noise, y, mask_ratio=0.0, ids_keep=None):
+    def forward(self, x_in, c_noise, y, mask_ratio=0.0, ids_keep=None, generator=None):
         sigma = (4 * c_noise).exp().reshape(-1, 1, 1, 1)
         var = sigma ** 2 + 0.9 ** 2
         x = x_in * var.sqrt()
@@ -414,7 +414,7 @@ def test_heun_solves_the_probability_flow_ode():
     expected = z * 80.0 * s / math.sqrt(s ** 2 + 80.0 ** 2)
     errors = []
     for steps in (40, 80, 160):
-        out = heun_sample(IdealGaussianNet(s), z, torch.zeros(4, 6, 8), steps=steps, cfg=1.0)
+        out = heun_sample(IdealGaussianNet(s), z, torch.zeros(4, 6, 8), steps=steps, guidance=1.0)
         errors.append(((out - expected).abs().max() / expected.abs().max()).item())
     assert errors[-1] < 1e-3
     assert 3.5 < errors[0] / errors[1] < 4.5 and 3.5 < errors[1] / errors[2] < 4.5
@@ -425,7 +425,7 @@ def test_masked_loss_averages_kept_patches_only(golden):
     net, g, _ = golden
     ids_keep = g["in.ids_keep"]
 
-    def poisoned(x, t, y, mask_ratio=0.0, ids_keep=None):
+    def poisoned(x, t, y, mask_ratio=0.0, ids_keep=None, generator=None):
         out, mask = net(x, t, y, mask_ratio, ids_keep)
         patches = mask.view(-1, 1, 4, 1, 4, 1).expand(-1, 4, 4, 2, 4, 2).reshape(out.shape)
         return out + 1e3 * patches, mask
@@ -785,7 +785,7 @@ def test_sample_end_to_end_matches_the_pipeline(tiny_checkpoint, tmp_path):
     assert rc == 0
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
     y = load_text_encoder("tiny-random").encode(prompts)
-    latents = heun_sample(net.eval(), noise, y, steps=3, cfg=2.5)
+    latents = heun_sample(net.eval(), noise, y, steps=3, guidance=2.5)
     with torch.no_grad():
         decoded = load_vae(vae_dir).decode(latents / 0.13025)
     expected = ((decoded / 2 + 0.5).clamp(0, 1) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
@@ -882,7 +882,7 @@ def test_sample_clear_errors(tiny_checkpoint, tmp_path, capsys):
 def test_released_style_checkpoint_infers_its_preset(tiny_checkpoint):
     import sample
     path, net = tiny_checkpoint
-    loaded, _ = sample.load_dit(str(path))
+    loaded, _ = checkpoint.load_dit(str(path))
     assert loaded.cfg == net.cfg
     x, t, y = torch.randn(1, 4, 16, 16), torch.randn(1), torch.randn(1, 77, 256)
     assert torch.equal(loaded(x, t, y)[0], net.eval()(x, t, y)[0])
@@ -891,7 +891,7 @@ def test_released_style_checkpoint_infers_its_preset(tiny_checkpoint):
 def test_sample_at_another_resolution_rebuilds_pos_embed(tiny_checkpoint):
     import sample
     path, net = tiny_checkpoint
-    loaded, _ = sample.load_dit(str(path), latent_size=32)
+    loaded, _ = checkpoint.load_dit(str(path), latent_size=32)
     assert loaded.cfg.input_size == 32 and loaded.cfg.pos_interp_scale == 2.0
     assert loaded.pos_embed.shape == (1, 256, 128)
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
@@ -912,7 +912,7 @@ def test_train_checkpoint_samples_with_its_ema_weights(tmp_path):
     x, t, y = torch.randn(1, 4, 16, 16), torch.randn(1), torch.randn(1, 77, 256)
     for name, stored, expected in (("ema", ema.state_dict(), ema), ("none", None, raw)):
         torch.save({**common, "ema": stored}, tmp_path / f"{name}.pt")
-        net, info = sample.load_dit(str(tmp_path / f"{name}.pt"))
+        net, info = checkpoint.load_dit(str(tmp_path / f"{name}.pt"))
         assert info["step"] == 5
         want = expected.state_dict()
         assert all(torch.equal(v, want[k]) for k, v in net.state_dict().items())
@@ -925,7 +925,7 @@ def test_sampling_defaults_are_the_papers(monkeypatch):
     seen = []
     monkeypatch.setattr(sample, "run", lambda args: seen.append(args) or 0)
     assert sample.main(["a cat"]) == 0
-    assert (seen[0].steps, seen[0].cfg) == (30, 5.0)
+    assert (seen[0].steps, seen[0].guidance) == (30, 5.0)
 
 
 def test_sample_batches_take_their_own_slice_of_the_seeded_noise(tiny_checkpoint, tmp_path):
@@ -971,9 +971,9 @@ def test_sample_res_with_a_vae_divides_by_its_downsampling(tiny_checkpoint, tmp_
                       "--out", tmp_path) == 0
     png = Image.open(tmp_path / "0000_a_red_circle.png")
     assert png.size == (48, 48)
-    net, _ = sample.load_dit(str(path), latent_size=24)
+    net, _ = checkpoint.load_dit(str(path), latent_size=24)
     images = sample.generate(net, load_text_encoder("tiny-random"), load_vae(vae_dir),
-                             ["a red circle"], seed=2, steps=1, cfg=5.0, batch_size=16,
+                             ["a red circle"], seed=2, steps=1, guidance=5.0, batch_size=16,
                              device="cpu")
     assert np.array_equal(np.asarray(png), np.asarray(sample.to_pil(images[0])))
 
@@ -983,13 +983,13 @@ def test_generate_returns_the_sampler_output_mapped_to_unit_range_and_clamped(pi
     before any PNG rounding (eval.py's shapes metric reads them as they are)."""
     import sample
     from text import load_text_encoder
-    net, _ = sample.load_dit(str(pixel_checkpoint))
+    net, _ = checkpoint.load_dit(str(pixel_checkpoint))
     encoder = load_text_encoder("tiny-random")
     prompts = ["a red circle", "a blue square"]
-    images = sample.generate(net, encoder, None, prompts, seed=3, steps=2, cfg=2.0,
+    images = sample.generate(net, encoder, None, prompts, seed=3, steps=2, guidance=2.0,
                              batch_size=2, device="cpu")
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    raw = heun_sample(net, noise, encoder.encode(prompts), steps=2, cfg=2.0)
+    raw = heun_sample(net, noise, encoder.encode(prompts), steps=2, guidance=2.0)
     assert (raw < -1).any() and (raw > 1).any()  # the clamp is exercised at both ends
     assert torch.equal(images, (raw / 2 + 0.5).clamp(0, 1))
 
@@ -1935,7 +1935,9 @@ def test_data_bench_prints_and_returns_its_figures(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- train.py
 
-import train  # noqa: E402  (after the data tests, which do not need it)
+import checkpoint  # noqa: E402  (after the data tests, which do not need them)
+import parallel  # noqa: E402
+import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -1961,7 +1963,7 @@ def logged(out, phase=1):
 
 
 def final_checkpoint(out, phase=1):
-    return train.load_checkpoint(train.checkpoints(str(Path(out) / f"phase{phase}"))[-1])
+    return checkpoint.load_checkpoint(checkpoint.checkpoints(str(Path(out) / f"phase{phase}"))[-1])
 
 
 def test_batch_arithmetic():
@@ -1999,13 +2001,12 @@ def test_learning_rate_schedules():
     assert train.learning_rate({**cfg, "schedule": "constant"}, 200_000) == cfg["lr"]
 
 
-def test_bucket_losses_sum_and_count_by_noise_level():
-    per_sample = torch.tensor([1.0, 2.0, 4.0, 8.0])
-    sigma = torch.tensor([0.05, 0.3, 0.4, 10.0])
-    edges = torch.tensor(train.SIGMA_BUCKETS)
-    assert train.SIGMA_BUCKETS == [0.1, 0.5, 1.0, 2.0, 5.0]
-    assert train.bucket_losses(per_sample, sigma, edges).tolist() == [[1, 6, 0, 0, 0, 8],
-                                                                      [1, 2, 0, 0, 0, 1]]
+def test_sigma_buckets_match_bucketize():
+    """sigma_bucket's counting of edges is torch.bucketize's bucket, edges included."""
+    assert SIGMA_BUCKETS == [0.1, 0.5, 1.0, 2.0, 5.0]
+    sigma = torch.tensor([0.05, 0.1, 0.3, 0.5, 0.7, 1.0, 3.0, 5.0, 10.0])
+    assert sigma_bucket(sigma).tolist() == [0, 0, 1, 1, 2, 2, 4, 4, 5]
+    assert torch.equal(sigma_bucket(sigma), torch.bucketize(sigma, torch.tensor(SIGMA_BUCKETS)))
 
 
 def test_resume_after_interruption_is_exact(train_data, tmp_path, monkeypatch):
@@ -2033,7 +2034,7 @@ def test_resume_after_interruption_is_exact(train_data, tmp_path, monkeypatch):
 def test_crash_while_saving_leaves_previous_checkpoint(train_data, tmp_path, monkeypatch):
     train.main(train_args(train_data, tmp_path, "--steps", "3"))
     folder = str(tmp_path / "phase1")
-    before = train.checkpoints(folder)
+    before = checkpoint.checkpoints(folder)
     real_save = torch.save
 
     def dies_half_way(obj, f, *a, **kw):
@@ -2044,15 +2045,15 @@ def test_crash_while_saving_leaves_previous_checkpoint(train_data, tmp_path, mon
     with pytest.raises(OSError):
         train.main(train_args(train_data, tmp_path, "--steps", "6"))
     monkeypatch.setattr(torch, "save", real_save)
-    assert train.checkpoints(folder) == before
+    assert checkpoint.checkpoints(folder) == before
     assert not glob.glob(os.path.join(folder, "*.tmp-*"))      # no half file left behind
-    assert train.load_checkpoint(before[-1])["step"] == 3
+    assert checkpoint.load_checkpoint(before[-1])["step"] == 3
     # a process killed mid-save leaves its temporary file: the next save removes it
     stale = os.path.join(folder, "ckpt_000000006.pt.tmp-999999")
     Path(stale).write_bytes(b"partial")
     train.main(train_args(train_data, tmp_path, "--steps", "6"))
-    assert not os.path.exists(stale) and train.load_checkpoint(
-        train.checkpoints(folder)[-1])["step"] == 6
+    assert not os.path.exists(stale) and checkpoint.load_checkpoint(
+        checkpoint.checkpoints(folder)[-1])["step"] == 6
 
 
 def test_phase_chaining(train_data, tmp_path, capsys):
@@ -2140,7 +2141,7 @@ def test_records_name_local_paths_absolutely(train_data, tmp_path, monkeypatch, 
     # a checkpoint of before, with the folder as given, resumes without a change to report
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "run", old)
-    path = train.checkpoints(str(old / "phase1"))[-1]
+    path = checkpoint.checkpoints(str(old / "phase1"))[-1]
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"]["data"] = rel
     torch.save(ckpt, path)
@@ -2174,7 +2175,7 @@ def test_a_second_run_on_the_same_folder_is_refused(train_data, tmp_path, monkey
     with open(tmp_path / ".phase1.lock", "w") as other:  # what the other run's process holds
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with monkeypatch.context() as m:
-            m.setattr(train, "load_checkpoint", lambda path: 1 / 0)  # not even read
+            m.setattr(checkpoint, "load_checkpoint", lambda path: 1 / 0)  # not even read
             with pytest.raises(SystemExit, match="phase1 is in use by another train.py run"):
                 train.main(train_args(train_data, tmp_path, "--steps", "6"))
         # under torchrun every rank stops with the message (and torchrun's summary names it
@@ -2210,10 +2211,10 @@ def test_a_stop_signal_saves_the_step_and_the_run_resumes_exactly(train_data, tm
         m.setattr(train, "learning_rate", lr_then_signal)
         with pytest.raises(SystemExit) as stop:
             train.main(train_args(train_data, tmp_path / "stopped", *common))
-    assert stop.value.code == train.PREEMPTED == 75
+    assert stop.value.code == checkpoint.PREEMPTED == 75
     assert signal.getsignal(signal.SIGTERM) is before
     folder = tmp_path / "stopped" / "phase1"
-    assert [Path(c).name for c in train.checkpoints(str(folder))] == ["ckpt_000000004.pt"]
+    assert [Path(c).name for c in checkpoint.checkpoints(str(folder))] == ["ckpt_000000004.pt"]
     assert [r["step"] for r in logged(tmp_path / "stopped")] == [1, 2, 3, 4]
     assert not list(folder.glob("samples_*.png"))
     train.main(train_args(train_data, tmp_path / "stopped", *common, "--resume"))
@@ -2236,13 +2237,13 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(train_data,
     wrapper = tmp_path / "slow_train.py"
     wrapper.write_text(f"""import atexit, os, sys, time
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-import train
-real_save = train.save_checkpoint
-def slow_save(folder, state, keep):
+import checkpoint, train
+real_save = checkpoint.save_checkpoint
+def slow_save(folder, state, keep_last):
     time.sleep(2)
-    real_save(folder, state, keep)
+    real_save(folder, state, keep_last)
     open({str(tmp_path / "written")!r}, "w").write(repr(time.time()))
-train.save_checkpoint = slow_save
+checkpoint.save_checkpoint = slow_save
 atexit.register(lambda: open({str(tmp_path)!r} + "/exit" + os.environ["RANK"], "w").write(
     repr(time.time())))
 train.cli(sys.argv[1:])
@@ -2274,8 +2275,8 @@ train.cli(sys.argv[1:])
             except ProcessLookupError:
                 pass
     assert run.returncode != 0 and "exitcode  : 75" in err, err[-3000:]
-    (saved,) = train.checkpoints(str(tmp_path / "phase1"))
-    step = train.load_checkpoint(saved)["step"]
+    (saved,) = checkpoint.checkpoints(str(tmp_path / "phase1"))
+    step = checkpoint.load_checkpoint(saved)["step"]
     assert 2 <= step < 400 and step % 2 == 0
     assert logged(tmp_path)[-1]["step"] == step
     assert f"stopped by SIGTERM at step {step}" in err
@@ -2287,7 +2288,7 @@ def test_init_follows_the_phase_and_takes_bare_weights(train_data, tmp_path):
     out = tmp_path / "run"
     common = ["--steps", "2", "--ckpt-every", "2"]
     train.main(train_args(train_data, out, *common))
-    p1 = train.checkpoints(str(out / "phase1"))[-1]
+    p1 = checkpoint.checkpoints(str(out / "phase1"))[-1]
     # phase 3 from --init: weights only, as phase 3 starts without --init
     train.main(train_args(train_data, tmp_path / "p3", *common, "--phase", "3", "--res", "16",
                           "--init", p1))
@@ -2336,7 +2337,7 @@ def test_ema_update_and_start():
 def test_ema_starts_at_its_phase_step_and_resumes(train_data, tmp_path):
     # at ema_start the EMA is a copy of the weights
     train.main(train_args(train_data, tmp_path / "a", "--ema-decay", "0.5", "--ema-start", "3"))
-    at3 = train.load_checkpoint(train.checkpoints(str(tmp_path / "a" / "phase1"))[0])
+    at3 = checkpoint.load_checkpoint(checkpoint.checkpoints(str(tmp_path / "a" / "phase1"))[0])
     assert at3["step"] == 3 and all(torch.equal(at3["ema"][k], at3["model"][k].float())
                                     for k in at3["model"])
     # a resumed run carries its EMA on: the same as running straight through
@@ -2354,7 +2355,7 @@ def test_ema_starts_at_its_phase_step_and_resumes(train_data, tmp_path):
 
 def test_ema_runs_in_training(train_data, tmp_path):
     train.main(train_args(train_data, tmp_path, "--ema-decay", "0.5", "--ema-start", "4"))
-    ckpts = [train.load_checkpoint(p) for p in train.checkpoints(str(tmp_path / "phase1"))]
+    ckpts = [checkpoint.load_checkpoint(p) for p in checkpoint.checkpoints(str(tmp_path / "phase1"))]
     at3, at6 = ckpts
     assert at3["ema"] is None                                   # before ema_start
     ema, model = at6["ema"], at6["model"]
@@ -2374,7 +2375,7 @@ def test_atomic_write_syncs_the_file_then_its_folder_after_the_rename(tmp_path, 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", b)),
                                                      real_replace(a, b)))
-    train.save_checkpoint(str(tmp_path), {"step": 5}, keep=1)
+    checkpoint.save_checkpoint(str(tmp_path), {"step": 5}, keep_last=1)
     path = os.path.join(str(tmp_path), "ckpt_000000005.pt")
     assert [e[0] for e in events] == ["fsync", "rename", "fsync"]
     assert events[0][1].startswith(path + ".tmp-") and events[1][1] == path
@@ -2391,8 +2392,8 @@ def test_a_folder_that_cannot_be_synced_does_not_fail_the_write(tmp_path, monkey
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    train.save_checkpoint(str(tmp_path), {"step": 5}, keep=1)
-    assert train.load_checkpoint(train.checkpoints(str(tmp_path))[-1]) == {"step": 5}
+    checkpoint.save_checkpoint(str(tmp_path), {"step": 5}, keep_last=1)
+    assert checkpoint.load_checkpoint(checkpoint.checkpoints(str(tmp_path))[-1]) == {"step": 5}
 
 
 def test_checkpoint_snapshot_is_written_as_of_the_save_into_reused_buffers(tmp_path,
@@ -2403,29 +2404,29 @@ def test_checkpoint_snapshot_is_written_as_of_the_save_into_reused_buffers(tmp_p
     are, after calling `ready` (on CUDA: the queued copies have landed), and the next save
     copies into the same buffers instead of new memory."""
     import threading
-    stepped, real_save, written, waited = threading.Event(), train.save_checkpoint, [], []
+    stepped, real_save, written, waited = threading.Event(), checkpoint.save_checkpoint, [], []
 
     def slow_disk(folder, state, keep):  # the write starts only after the weights changed
         stepped.wait(10)
         written.append(state)
         real_save(folder, state, keep)
 
-    monkeypatch.setattr(train, "save_checkpoint", slow_disk)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow_disk)
     weight, moment = torch.arange(6.0).reshape(2, 3), torch.ones(3)
     model = {"w": weight, "step_count": 5}
-    assert train.gathered(model)["w"] is weight  # no copy unless asked (sample grids, CPU)
-    host = train.HostSnapshot(pin=False)
+    assert checkpoint.gathered(model)["w"] is weight  # no copy unless asked (sample grids, CPU)
+    host = checkpoint.HostSnapshot(pin=False)
     # the ranks that do not save copy nothing (a meta tensor cannot be copied: it would raise)
-    assert train.gathered({"w": torch.empty(3, device="meta")}, False, host) is None
+    assert checkpoint.gathered({"w": torch.empty(3, device="meta")}, False, host) is None
     assert host.buffers == {}
-    snapshot = train.gathered(model, into=host, name="model.")
+    snapshot = checkpoint.gathered(model, snapshot=host, prefix="model.")
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
     opt.state[opt.param_groups[0]["params"][0]]["exp_avg"] = moment
-    opt_snapshot = train.optimizer_state(opt, into=host)
-    host.taken()
-    writer = train.CheckpointWriter(background=True)
+    opt_snapshot = checkpoint.optimizer_state(opt, snapshot=host)
+    host.mark_copied()
+    writer = checkpoint.CheckpointWriter(background=True)
     writer.save(str(tmp_path), {"model": snapshot, "optimizer": opt_snapshot,
-                                "rng": [train.rng_state()], "step": 7}, keep=2,
+                                "rng": [checkpoint.rng_state()], "step": 7}, keep_last=2,
                 ready=lambda: waited.append(len(written)))
     weight.add_(100.0)  # the next optimizer step
     moment.mul_(3.0)
@@ -2434,12 +2435,12 @@ def test_checkpoint_snapshot_is_written_as_of_the_save_into_reused_buffers(tmp_p
     assert waited == [0]  # before the write
     assert written[0]["model"]["w"] is snapshot["w"] is host.buffers["model.w"]  # one copy
     assert written[0]["optimizer"]["state"][0]["exp_avg"] is host.buffers["optimizer.0.exp_avg"]
-    saved = train.load_checkpoint(train.checkpoints(str(tmp_path))[-1])
+    saved = checkpoint.load_checkpoint(checkpoint.checkpoints(str(tmp_path))[-1])
     assert torch.equal(saved["model"]["w"], torch.arange(6.0).reshape(2, 3))
     assert saved["model"]["step_count"] == 5 and saved["step"] == 7
     assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
     # the next save: the same memory, the new values
-    again = train.gathered(model, into=host, name="model.")
+    again = checkpoint.gathered(model, snapshot=host, prefix="model.")
     assert again["w"] is host.buffers["model.w"] and torch.equal(again["w"], weight)
     assert again["w"].data_ptr() == snapshot["w"].data_ptr()
 
@@ -2454,10 +2455,10 @@ def test_snapshot_goes_to_ordinary_memory_when_pinning_fails(monkeypatch, capsys
         return real_empty(*shape, **kwargs)
 
     monkeypatch.setattr(torch, "empty", empty)
-    host = train.HostSnapshot(pin=True)
+    host = checkpoint.HostSnapshot(pin=True)
     weight = torch.arange(4.0)
-    snapshot = train.gathered({"w": weight, "b": weight + 1}, into=host, name="model.")
-    host.taken()
+    snapshot = checkpoint.gathered({"w": weight, "b": weight + 1}, snapshot=host, prefix="model.")
+    host.mark_copied()
     host.wait()
     assert not host.pin and host.copied is None  # copies wait until they land
     assert torch.equal(snapshot["w"], weight) and torch.equal(snapshot["b"], weight + 1)
@@ -2470,13 +2471,13 @@ def test_pinned_snapshot_holds_the_values_of_the_save_on_cuda():
     """On CUDA the copies into the pinned buffers are queued without waiting: the in-place
     updates queued after them (the next optimizer step) must not reach the snapshot, at the
     first save (new buffers) or a later one (reused)."""
-    host = train.HostSnapshot(pin=True)
+    host = checkpoint.HostSnapshot(pin=True)
     state = {f"w{i}": torch.randn(1024, 1024, device="cuda") for i in range(8)}
     before = {k: v.cpu() for k, v in state.items()}  # waited-for copies: the reference
     for _ in range(2):
         torch.cuda._sleep(200_000_000)  # the copies queue behind ~0.1 s of GPU work
-        snapshot = train.gathered(state, into=host, name="model.")
-        host.taken()
+        snapshot = checkpoint.gathered(state, snapshot=host, prefix="model.")
+        host.mark_copied()
         for v in state.values():
             v.mul_(2.0).add_(1.0)
         host.wait()
@@ -2490,16 +2491,16 @@ def test_background_checkpoints_of_a_run_equal_the_synchronous_ones(train_data, 
                                                                      monkeypatch):
     """train.py's loop with the GPU's writer (a background thread reading reused snapshot
     buffers) on a slow disk, with an EMA and a sample grid at the last save: the buffers are
-    never refilled while a write reads them, each save's copies are marked taken before the
+    never refilled while a write reads them, each save's copies are marked copied before the
     writer waits for them (its first act) and the grid waits for them too; and every
     checkpoint equals the one the synchronous writer saves."""
     import threading
     import time as time_module
     ema = ("--ema-decay", "0.9", "--ema-start", "0")
     train.cli(train_args(train_data, tmp_path / "sync", *ema))
-    real_init, real_save = train.CheckpointWriter.__init__, train.save_checkpoint
-    real_grid, Host = train.save_sample_grid, train.HostSnapshot
-    real_copy, real_taken, real_wait = Host.copy, Host.taken, Host.wait
+    real_init, real_save = checkpoint.CheckpointWriter.__init__, checkpoint.save_checkpoint
+    real_grid, Host = train.save_sample_grid, checkpoint.HostSnapshot
+    real_copy, real_copied, real_wait = Host.copy, Host.mark_copied, Host.wait
     events, writing = {"main": [], "writer": []}, threading.Event()
 
     def log(event):
@@ -2521,20 +2522,20 @@ def test_background_checkpoints_of_a_run_equal_the_synchronous_ones(train_data, 
         finally:
             writing.clear()
 
-    monkeypatch.setattr(train.CheckpointWriter, "__init__",
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "__init__",
                         lambda self, background=False: real_init(self, background=True))
-    monkeypatch.setattr(train, "save_checkpoint", slow_disk)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow_disk)
     monkeypatch.setattr(Host, "copy", copy)
-    monkeypatch.setattr(Host, "taken", lambda self: (log("taken"), real_taken(self))[1])
+    monkeypatch.setattr(Host, "mark_copied", lambda self: (log("copied"), real_copied(self))[1])
     monkeypatch.setattr(Host, "wait", lambda self: (log("wait"), real_wait(self))[1])
     monkeypatch.setattr(train, "save_sample_grid",
                         lambda *args: (log("grid"), real_grid(*args))[1])
     train.cli(train_args(train_data, tmp_path / "background", *ema))
     # saves at steps 3 and 6 (the last, with the grid)
-    assert events["main"] == ["copy", "taken", "copy", "taken", "wait", "grid"]
+    assert events["main"] == ["copy", "copied", "copy", "copied", "wait", "grid"]
     assert events["writer"] == ["wait", "write", "wait", "write"]
     for name in ("ckpt_000000003.pt", "ckpt_000000006.pt"):
-        sync, background = (train.load_checkpoint(str(tmp_path / run / "phase1" / name))
+        sync, background = (checkpoint.load_checkpoint(str(tmp_path / run / "phase1" / name))
                             for run in ("sync", "background"))
         for part in ("model", "ema"):
             for key, value in sync[part].items():
@@ -2546,9 +2547,9 @@ def test_background_checkpoints_of_a_run_equal_the_synchronous_ones(train_data, 
 
 def test_checkpoint_writer_hands_a_failed_background_write_to_the_training(tmp_path):
     (tmp_path / "a_file").write_text("")  # a folder that cannot be made
-    writer = train.CheckpointWriter(background=True)
-    writer.save(str(tmp_path / "a_file" / "phase1"), {"step": 3}, keep=1)
-    with pytest.raises(train.CheckpointWriteError, match="checkpoint of step 3 .* failed"):
+    writer = checkpoint.CheckpointWriter(background=True)
+    writer.save(str(tmp_path / "a_file" / "phase1"), {"step": 3}, keep_last=1)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="checkpoint of step 3 .* failed"):
         writer.close()
     writer.close()  # raised once
 
@@ -2590,7 +2591,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_a_message(train_
     def full_disk(folder, state, keep):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
     with pytest.raises(SystemExit, match=r"writing the checkpoint of step 3 to .*phase1 failed "
                                          r"\(OSError: \[Errno 28\] No space left on device\)"):
         train.cli(train_args(train_data, tmp_path))
@@ -2598,7 +2599,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_a_message(train_
 
 
 def test_one_precision_rule_for_training_sampling_and_benchmarks():
-    from sample import precision
+    from model import precision
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     for device, asked, expected in [("cpu", "auto", torch.float32),
                                     ("cpu", "float32", torch.float32),
@@ -2626,7 +2627,7 @@ def test_clipping_inside_the_fused_optimizer_equals_clip_grad_norm(max_norm):
             net(x).pow(2).mean().backward()
         expected = torch.nn.utils.clip_grad_norm_(nets[0].parameters(), max_norm)
         assert (expected > max_norm) == (max_norm < 1)  # both cases are exercised
-        norm = train.clip_in_optimizer(opts[1], max_norm)
+        norm = parallel.clip_in_optimizer(opts[1], max_norm)
         torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
         for opt in opts:
             opt.step()
@@ -2644,7 +2645,7 @@ def test_a_non_finite_gradient_leaves_the_weights_alone():
     net(torch.randn(5, 4)).sum().backward()
     net.weight.grad[0, 0] = float("nan")
     before = [p.detach().clone() for p in net.parameters()]
-    assert not math.isfinite(train.clip_in_optimizer(opt, 0.25).item())
+    assert not math.isfinite(parallel.clip_in_optimizer(opt, 0.25).item())
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
@@ -2662,18 +2663,44 @@ def test_resuming_phase_2_continues_its_own_count(train_data, tmp_path):
 
 
 def test_every_micro_batch_and_step_draws_its_own_noise(train_data, tmp_path, monkeypatch):
-    seen, real = [], train.edm_loss_per_sample
+    seeds, kept = [], []
+    real_loss, real_ids = train.edm_loss_per_sample, model_lib.random_ids_keep
 
-    def spy(*a, **kw):
-        seen.append((kw["normal"].clone(), kw["ids_keep"].clone()))
-        return real(*a, **kw)
+    def loss_spy(net, x, y, mask_ratio, p_mean, p_std, generator):
+        seeds.append(generator.initial_seed())
+        return real_loss(net, x, y, mask_ratio, p_mean, p_std, generator)
 
-    monkeypatch.setattr(train, "edm_loss_per_sample", spy)
+    def ids_spy(*a, **kw):
+        kept.append(real_ids(*a, **kw))
+        return kept[-1]
+
+    monkeypatch.setattr(train, "edm_loss_per_sample", loss_spy)
+    monkeypatch.setattr(model_lib, "random_ids_keep", ids_spy)
     train.main(train_args(train_data, tmp_path, "--micro-batch", "4", "--steps", "2",
                           "--mask-ratio", "0.75"))
-    assert len(seen) == 4                                       # 2 steps x 2 micro-batches
-    assert len({tuple(normal.tolist()) for normal, _ in seen}) == 4
-    assert len({tuple(ids.flatten().tolist()) for _, ids in seen}) == 4
+    assert len(seeds) == len(kept) == 4                         # 2 steps x 2 micro-batches
+    assert seeds == [train.micro_generator(0, step, i, "cpu").initial_seed()
+                     for step in (0, 1) for i in (0, 1)]
+    assert len(set(seeds)) == 4
+    assert len({tuple(ids.flatten().tolist()) for ids in kept}) == 4
+
+
+def test_one_generator_draws_the_noise_level_the_noise_and_the_kept_patches(golden):
+    """edm_loss_per_sample with a generator equals the loss with the draws given explicitly,
+    taken from a generator of the same seed in the order: noise levels, noise, kept patches
+    (the network draws the last)."""
+    net, g, config = golden
+    x, y = g["in.x"], g["in.y"]
+    N, T = x.shape[0], (config["input_size"] // config["patch_size"]) ** 2
+    same = torch.Generator().manual_seed(11)
+    normal = torch.randn(N, generator=same)
+    noise = torch.randn(x.shape, generator=same)
+    ids_keep = random_ids_keep(N, T, 0.5, "cpu", generator=same)
+    with torch.no_grad():
+        drawn = edm_loss(net, x, y, 0.5, generator=torch.Generator().manual_seed(11))
+        given = edm_loss(net, x, y, 0.5, normal=normal, noise=noise, ids_keep=ids_keep)
+        other = edm_loss(net, x, y, 0.5, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(drawn, given) and not torch.equal(drawn, other)
 
 
 def test_the_training_loader_drops_captions_for_guidance(train_data, tmp_path, monkeypatch):
@@ -2708,7 +2735,7 @@ def test_the_aux_loss_weight_reaches_the_router(train_data, tmp_path):
 def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatch):
     train.main(train_args(train_data, tmp_path, "--steps", "3"))
     folder = str(tmp_path / "phase1")
-    good = train.load_checkpoint(train.checkpoints(folder)[-1])
+    good = checkpoint.load_checkpoint(checkpoint.checkpoints(folder)[-1])
     real = train.edm_loss_per_sample
 
     def nan_loss(*a, **kw):
@@ -2718,7 +2745,7 @@ def test_non_finite_steps_are_skipped_then_stop(train_data, tmp_path, monkeypatc
     monkeypatch.setattr(train, "edm_loss_per_sample", nan_loss)
     with pytest.raises(SystemExit, match="3 steps in a row with non-finite gradients"):
         train.main(train_args(train_data, tmp_path, "--steps", "6", "--max-bad-steps", "3"))
-    after = train.load_checkpoint(train.checkpoints(folder)[-1])
+    after = checkpoint.load_checkpoint(checkpoint.checkpoints(folder)[-1])
     assert after["step"] == 3
     assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
     assert [r["skipped"] for r in logged(tmp_path)[-3:]] == [1, 2, 3]
@@ -2750,10 +2777,11 @@ def test_the_step_does_not_wait_for_the_device(train_data, tmp_path, monkeypatch
     monkeypatch.setattr(torch.Tensor, "item", item)
     monkeypatch.setattr(train, "learning_rate", learning_rate)
     train.main(train_args(train_data, tmp_path / "batched", *extra, "--log-every", "3"))
-    width = 3 + 2 * (len(train.SIGMA_BUCKETS) + 1)  # grad norm, loss, aux, bucket sums, counts
+    width = 3 + 2 * (len(SIGMA_BUCKETS) + 1)  # loss, aux, grad norm, bucket sums, counts
     assert [r for r in reads if r[-1:] == (width,)] == [(3, width), (3, width), (2, width),
                                                        (1, width)]  # 3, 6, 8 (ckpt), 9 (end)
-    assert looping == list(range(9)) and items == []
+    # .item() only where a checkpoint is written (weights_finite): phase steps 7 and 8
+    assert looping == list(range(9)) and items == [7, 8]
     every, batched = logged(tmp_path / "every"), logged(tmp_path / "batched")
     assert [r["step"] for r in batched] == list(range(1, 10))
     for a, b in zip(every, batched):
@@ -2845,7 +2873,7 @@ def test_a_run_records_its_code_and_versions(train_data, tmp_path):
     starts = sorted(p.name for p in (folder / "code").iterdir())
     assert starts == ["start_000000000", "start_000000003"]
     for start in starts:
-        for name in train.CODE_FILES:
+        for name in checkpoint.CODE_FILES:
             assert (folder / "code" / start / name).read_bytes() == (here / name).read_bytes()
     first = json.loads((folder / "code" / starts[0] / "config.json").read_text())
     assert first["run"]["steps"] == 3  # each start keeps its own record
@@ -2891,6 +2919,93 @@ def test_bad_flags_are_messages_not_stack_traces(train_data, tmp_path):
     assert not os.path.exists(tmp_path / "phase1" / "log.jsonl")  # nothing ran
     with pytest.raises(SystemExit, match="8 x 8 latents do not split into 3 x 3 patches"):
         train.cli(train_args(train_data, tmp_path, "--model", '{"patch_size": 3}'))
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--mask-ratio", "--min-lr-ratio", "--grad-clip",
+                                  "--p-mean", "--p-std", "--ema-decay", "--weight-decay",
+                                  "--aux-loss-weight"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_every_float_flag_must_be_finite(train_data, tmp_path, flag, value):
+    with pytest.raises(SystemExit, match=f"error: {flag} {value}: must be a finite number"):
+        train.cli(train_args(train_data, tmp_path, f"{flag}={value}"))
+    assert not os.path.exists(tmp_path / "phase1")
+
+
+def test_a_mask_ratio_that_keeps_no_patch_is_refused(train_data, tmp_path):
+    """At 8 px in 2 x 2 patches there are 16 patches: 0.99 keeps int(0.16) = 0 of them, which
+    trained NaN losses with a zero gradient norm. The largest ratio that keeps one is 15/16."""
+    with pytest.raises(SystemExit, match=r"--mask-ratio: mask ratio 0.99 keeps none of the 16 "
+                                         r"patches .* the largest ratio that keeps one is 0.9375"):
+        train.cli(train_args(train_data, tmp_path, "--mask-ratio", "0.99"))
+    assert not os.path.exists(tmp_path / "phase1")
+    train.main(train_args(train_data, tmp_path, "--mask-ratio", "0.9375", "--steps", "1"))
+    assert all(math.isfinite(r["loss"]) for r in logged(tmp_path))
+
+
+@pytest.mark.parametrize("size, patch", [(8, 2), (12, 2), (30, 3), (14, 7)])
+def test_the_largest_mask_ratio_named_keeps_exactly_one_patch(size, patch):
+    """(T - 1) / T can round so that it keeps none (T = 36: int(36 x 0.0277...) = 0); the
+    ratio the message names must keep one, and the next float above it none."""
+    cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=size, patch_size=patch)
+    T = (size // patch) ** 2
+    with pytest.raises(ValueError) as refused:
+        model_lib.check_mask_ratio(cfg, 1 - 0.5 / T)
+    largest = float(re.search(r"keeps one is (\S+)$", str(refused.value)).group(1))
+    assert num_kept(T, largest) == 1 and num_kept(T, math.nextafter(largest, 1)) == 0
+    model_lib.check_mask_ratio(cfg, largest)
+
+
+def test_non_finite_weights_are_never_checkpointed(train_data, tmp_path, monkeypatch):
+    """An infinite learning rate (from a schedule, or data that overflows) makes the weights
+    NaN while the gradient norm of that step is finite: the run must not save them, must
+    not exit 0, and must say which checkpoint is there (none yet, here)."""
+    monkeypatch.setattr(train, "learning_rate", lambda run, phase_step: float("inf"))
+    with pytest.raises(SystemExit, match=r"error: the weights are not finite at step 3 .* no "
+                                         r"checkpoint was written; .*phase1 has no checkpoint "
+                                         r"yet: a rerun starts the phase again"):
+        train.cli(train_args(train_data, tmp_path, "--steps", "3"))
+    assert checkpoint.checkpoints(str(tmp_path / "phase1")) == []
+
+
+def test_a_run_that_ends_on_non_finite_steps_does_not_succeed(train_data, tmp_path,
+                                                              monkeypatch):
+    train.main(train_args(train_data, tmp_path, "--steps", "3"))
+    real = train.edm_loss_per_sample
+
+    def nan_loss(*a, **kw):
+        per_sample, sigma = real(*a, **kw)
+        return per_sample * float("nan"), sigma
+
+    monkeypatch.setattr(train, "edm_loss_per_sample", nan_loss)
+    with pytest.raises(SystemExit, match=r"phase 1 ended with 2 step\(s\) in a row with "
+                                         r"non-finite gradients; the latest checkpoint, "
+                                         r".*ckpt_000000005.pt, is intact"):
+        train.main(train_args(train_data, tmp_path, "--steps", "5", "--max-bad-steps", "9"))
+    # the weights of step 5 are step 3's: both updates were skipped
+    last, first = final_checkpoint(tmp_path), checkpoint.load_checkpoint(
+        str(tmp_path / "phase1" / "ckpt_000000003.pt"))
+    assert all(torch.equal(last["model"][k], first["model"][k]) for k in first["model"])
+
+
+def test_stop_messages_name_the_checkpoint_that_is_there(tmp_path):
+    folder = str(tmp_path / "phase1")
+    assert checkpoint.latest_note(folder).startswith(f"{folder} has no checkpoint yet")
+    (tmp_path / "a_file").write_text("")  # a folder that cannot be made
+    writer = checkpoint.CheckpointWriter(background=False)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="has no checkpoint yet"):
+        writer.save(str(tmp_path / "a_file" / "phase1"), {"step": 3}, keep_last=1)
+    checkpoint.save_checkpoint(folder, {"step": 4}, keep_last=1)
+    assert checkpoint.latest_note(folder) == (f"the latest checkpoint, {folder}/ckpt_000000004"
+                                              f".pt, is intact: a rerun resumes from it")
+
+
+def test_the_demo_checkpoints_every_100_steps():
+    demo = train.resolve_config(train.parse_args(["--demo"]))
+    assert (demo["ckpt_every"], demo["sample_every"], demo["steps"]) == (100, 500, 1500)
+    assert train.resolve_config(train.parse_args(["--demo", "--ckpt-every", "700"]))[
+        "ckpt_every"] == 700
+    full = train.resolve_config(train.parse_args(["--data", "x"]))
+    assert (full["ckpt_every"], full["sample_every"]) == (1000, 5000)
 
 
 def test_position_grid_follows_the_runs_first_resolution(train_data, tmp_path):
@@ -2941,7 +3056,7 @@ def test_a_resume_keeps_its_recipe_and_survives_a_torn_log(train_data, tmp_path,
         train.main(train_args(train_data, out, "--phase", "2", "--steps", "4",
                               "--preset", "MicroDiT_Tiny_2", "--model", '{"dim": 256}'))
     # a damaged latest checkpoint is named, with what to do
-    latest = train.checkpoints(str(out / "phase2"))[-1]
+    latest = checkpoint.checkpoints(str(out / "phase2"))[-1]
     with open(latest, "r+b") as f:
         f.truncate(1000)
     with pytest.raises(SystemExit, match=f"{re.escape(latest)}: cannot be read as a checkpoint.*move it away"):
@@ -2952,7 +3067,7 @@ def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_pa
                                                                monkeypatch):
     train.main(train_args(train_data, tmp_path, "--steps", "3"))
     folder = str(tmp_path / "phase1")
-    before = train.checkpoints(folder)
+    before = checkpoint.checkpoints(folder)
 
     def out_of_memory(*a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 224.00 MiB.")
@@ -2963,14 +3078,14 @@ def test_out_of_gpu_memory_gives_advice_and_keeps_checkpoints(train_data, tmp_pa
     message = str(stop.value)
     assert message.startswith("CUDA out of memory. Tried to allocate 224.00 MiB.")
     assert "--micro-batch N" in message and "--activation-checkpointing" in message
-    assert train.checkpoints(folder) == before
-    assert train.load_checkpoint(before[-1])["step"] == 3
+    assert checkpoint.checkpoints(folder) == before
+    assert checkpoint.load_checkpoint(before[-1])["step"] == 3
 
 
 def test_a_forced_preset_keeps_the_checkpoints_position_scale():
     """A 512px-style model (positions interpolated by 2.0) rebuilt at another size with
     --preset must scale from the stored 2.0, as it does from its config."""
-    from sample import build_dit
+    from checkpoint import build_dit
     cfg = dataclasses.replace(PRESETS["MicroDiT_CPU_2"], input_size=16, pos_interp_scale=2.0)
     state = MicroDiT(cfg).state_dict()
     forced = build_dit(state, None, preset="MicroDiT_CPU_2", latent_size=8)
@@ -2982,7 +3097,7 @@ def test_a_forced_preset_keeps_the_checkpoints_position_scale():
 def test_build_dit_copies_the_state_it_is_given():
     """train.py builds its sample-grid network from its live weights: the network must own
     copies, and a half-precision file must give a float32 network, as before."""
-    from sample import build_dit
+    from checkpoint import build_dit
     cfg = PRESETS["MicroDiT_CPU_2"]
     torch.manual_seed(0)
     live = MicroDiT(cfg)
@@ -3011,7 +3126,7 @@ def test_export_loads_in_sample(train_data, tmp_path):
                           "--ema-start", "1"))
     path = str(tmp_path / "weights.safetensors")
     train.main(train_args(train_data, tmp_path, "--export", path))
-    net, info = sample.load_dit(path)
+    net, info = checkpoint.load_dit(path)
     ckpt = final_checkpoint(tmp_path)
     assert info["weights"] == "ema" and info["vae"] == "none" and info["clip"] == "tiny-random"
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
@@ -3022,10 +3137,33 @@ def test_sample_refuses_bad_numbers_with_a_message(pixel_checkpoint, tmp_path, c
     base = ["a cat", "--ckpt", str(pixel_checkpoint), "--out", str(tmp_path), "--steps", "2"]
     for extra, message in [(["--res", "17"], "--res 17 must be a multiple of 2"),
                            (["--steps", "0"], "--steps must be at least 1"),
-                           (["--n", "0"], "--n must be at least 1")]:
+                           (["--n", "0"], "--n must be at least 1"),
+                           (["--cfg", "-1"], "--cfg -1.0: the guidance scale must be 0 or "
+                                             "more (1: none, 0: the unconditional model"),
+                           (["--cfg", "nan"], "--cfg nan: the guidance scale must be 0")]:
         assert sample.main(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_help_shows_the_defaults_and_whole_descriptions(capsys):
+    import sample
+    import eval as evaluation
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ["Heun steps (default 30)", "(default 5)", "noise (default 0)",
+                    "per prompt (default 1)"]:
+        assert default in text
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["shapes", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ["(default 200)", "(default 1234)", "Heun steps (default 30)", "(default 3)"]:
+        assert default in text
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("and metrics for the built-in shapes data that need no download." in text)
 
 
 def test_sample_refuses_pixel_space_for_a_latent_model(tmp_path, capsys):
@@ -3089,7 +3227,7 @@ def test_torchrun_two_processes_equal_one(train_data, tmp_path, mode):
             [r[key] for r in logged(tmp_path / "two")], rel=1e-5), key
     assert one["optimizer"]["state"].keys() == two["optimizer"]["state"].keys()
     if mode == "fsdp":  # lose the last checkpoint, resume the sharded run from step 2
-        os.remove(train.checkpoints(str(tmp_path / "two" / "phase1"))[-1])
+        os.remove(checkpoint.checkpoints(str(tmp_path / "two" / "phase1"))[-1])
         run_train(args, tmp_path / "two", processes=2)
         resumed = final_checkpoint(tmp_path / "two")
         assert resumed["step"] == 4
@@ -3556,7 +3694,8 @@ def test_coco_defaults_are_the_papers():
 
 def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, monkeypatch,
                                   capsys):
-    from sample import generate, load_dit, to_pil
+    from checkpoint import load_dit
+    from sample import generate, to_pil
     from text import load_text_encoder
     captions_json, _ = fake_coco(tmp_path)
     common = ["coco", "--ckpt", pixel_checkpoint, "--captions", captions_json, "--images",
@@ -3580,7 +3719,7 @@ def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, m
     assert len({ev.batch_seed(5, k) for k in range(4)} | {ev.batch_seed(6, 0)}) == 5
     for k, indices in enumerate([range(0, 3), range(3, 4)]):
         images = generate(net, encoder, None, [chosen[i]["caption"] for i in indices],
-                          seed=ev.batch_seed(5, k), steps=2, cfg=2.0, batch_size=3, device="cpu")
+                          seed=ev.batch_seed(5, k), steps=2, guidance=2.0, batch_size=3, device="cpu")
         for i, image in zip(indices, images):
             png = Image.open(tmp_path / "one" / "images" / f"{i:05d}.png")
             assert np.array_equal(np.asarray(png), np.asarray(to_pil(image)))
@@ -3724,7 +3863,7 @@ def test_shapes_features_see_the_images_mapped_to_minus_one_one():
 
 def test_eval_shapes_reports_the_frechet_distance_and_its_floor(pixel_checkpoint):
     scores, images, asked = ev.evaluate_shapes(str(pixel_checkpoint), n=6, seed=3, steps=2,
-                                               cfg=2.0, device="cpu", train_data="none")
+                                               guidance=2.0, device="cpu", train_data="none")
     assert set(scores) == {"shape", "color", "size", "position", "all", "frechet",
                            "frechet_real_vs_real", "training_captions_held_out"}
     assert scores["training_captions_held_out"] == 0
@@ -3791,8 +3930,8 @@ def test_bench_checkpoint_times_the_whole_state_both_ways(monkeypatch):
     every timed round (and once before, making them), the new-memory way never touches them."""
     import bench
     copies = []
-    real_copy = train.HostSnapshot.copy
-    monkeypatch.setattr(train.HostSnapshot, "copy",
+    real_copy = checkpoint.HostSnapshot.copy
+    monkeypatch.setattr(checkpoint.HostSnapshot, "copy",
                         lambda self, key, t: copies.append(key) or real_copy(self, key, t))
     c = bench.main(["--quick", "--checkpoint", "--rounds", "3",
                     "--skip", "train", "sample", "data"])["checkpoint"]
@@ -4001,7 +4140,7 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     experiments.main(argv)
     assert json.loads((out / "results.json").read_text()) == results
     # ... but not those of a run whose checkpoint is another file now (trained again)
-    last = train.checkpoints(str(Path(experiments.run_folder(out, results[1]["name"], 2, 8, 0))
+    last = checkpoint.checkpoints(str(Path(experiments.run_folder(out, results[1]["name"], 2, 8, 0))
                                  / "phase1"))[-1]
     os.utime(last, ns=(0, os.stat(last).st_mtime_ns + 10 ** 9))
     with pytest.raises(ZeroDivisionError):
@@ -4033,13 +4172,13 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     # every line carries every noise bucket, null where no sample fell
     for r, aux in zip(results[:2], [False, True]):
         for line in logged(folder_of(r)):
-            assert ("aux_loss" in line) == aux and set(train.bucket_names()) <= set(line)
+            assert ("aux_loss" in line) == aux and set(checkpoint.bucket_names()) <= set(line)
             assert not aux or 0.5 < line["aux_loss"] <= 8
     assert list(ckpt(results[2])["model_config"]["mlp_ratio"]) == [2.25, 2.25]
     # held-out loss: the mean over the fixed noise levels, recomputed here by hand
-    from sample import load_dit
+    from checkpoint import load_dit
     folder = Path(folder_of(results[0])) / "phase1"
-    net, _ = load_dit(train.checkpoints(str(folder))[-1])
+    net, _ = load_dit(checkpoint.checkpoints(str(folder))[-1])
     # on 256 held-out images none of whose captions is a training image's
     seen = {c for m in shard_manifests(out / "data") for c in m["captions"]}
     drawn = [c for m in shard_manifests(out / "held_out_640") for c in m["captions"]]
