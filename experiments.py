@@ -42,10 +42,11 @@ import torch
 from PIL import Image, ImageDraw
 
 import train
-from data import LatentDataset, atomic_write, ensure_demo_data, write_json
+from data import LatentDataset, atomic_write, write_json
 from diffusion import edm_loss_per_sample
 from eval import evaluate_shapes, file_identity
 from model import PRESETS, DiTConfig, train_flops_per_image
+from prepare import ensure_demo_data
 from sample import load_dit, slug
 
 HELD_OUT_SIGMAS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0]
