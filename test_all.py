@@ -3772,6 +3772,14 @@ def test_bench_loader_prints_and_returns_its_figures(tmp_path, capsys):
         bench.bench_loader(str(busy), 16, 8, batches=2, fake_samples=40, caption_dim=8,
                            prefetch=0, cache="warm")
     assert os.listdir(busy) == ["prepare.json"]
+    # the same through bench.py's flags, into a folder kept for a later run
+    kept = tmp_path / "kept"
+    results = bench.main(["--quick", "--skip", "train", "sample", "--res", "16", "--data",
+                          str(kept), "--fake-samples", "40", "--data-batch", "8",
+                          "--caption-dim", "8", "--data-batches", "2"])
+    assert (results["data"]["batch"], results["data"]["batches"]) == (8, 2)
+    index = json.loads((kept / "index.json").read_text())
+    assert index["num_samples"] == 40 and index["columns"]["caption_feats"]["shape"] == [77, 8]
 
 
 def test_bench_quick_mode_runs_and_reports_consistent_figures(tmp_path):
