@@ -13,6 +13,8 @@ where it stopped when given the same command again.
 """
 import argparse
 import collections
+import contextlib
+import errno
 import functools
 import glob
 import hashlib
@@ -106,19 +108,25 @@ def _read_if_exists(path):
 
 def folder_shards(root, shard_size):
     """Every image under root (nested folders too), in sorted path order; its caption is the
-    same path with .txt."""
+    same path with .txt. A .txt that no image claims is a record without an image, so that
+    the summary counts and names it (missing_image), as it does a tar's caption alone."""
     records = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        image_stems = {os.path.splitext(name)[0] for name in filenames
+                       if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS}
         for name in sorted(filenames):
             stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTENSIONS:
-                continue
             path = os.path.join(dirpath, name)
-            records.append(Record(os.path.relpath(path, root), functools.partial(Image.open, path),
-                                  functools.partial(_read_if_exists,
-                                                    os.path.join(dirpath, stem + ".txt"))))
-    if not records:
+            if ext.lower() in IMAGE_EXTENSIONS:
+                caption = os.path.join(dirpath, stem + ".txt")
+                records.append(Record(os.path.relpath(path, root),
+                                      functools.partial(Image.open, path),
+                                      functools.partial(_read_if_exists, caption)))
+            elif ext == ".txt" and stem not in image_stems:
+                records.append(Record(os.path.relpath(path, root), None,
+                                      functools.partial(_read_if_exists, path)))
+    if not any(r.load_image for r in records):
         raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return _chunks(records, shard_size, root)
 
@@ -465,7 +473,8 @@ def write_shard(out, shard_id, columns, keys, captions, origin, counts, skipped=
 
 
 SKIPPED_NAMED = 10  # skipped records named per reason in summary.json
-SKIP_REASONS = ("missing_caption", "empty_caption", "unreadable_caption", "missing_image",
+SKIP_REASONS = ("missing_caption", "empty_caption", "unreadable_caption",
+                "missing_image",  # also a folder's caption (.txt) that no image claims
                 "unreadable_image", "too_small",  # too_small: below --min-size
                 "bad_tar")  # bad_tar: a tar that could not be read to its end
 
@@ -650,6 +659,35 @@ def process_env(device=None):
                       device)
 
 
+class WriteFailed(Exception):
+    """The output could not be written: a full disk, most often."""
+
+
+@contextlib.contextmanager
+def writing(out, num_shards, what):
+    """Turns an OSError while writing `what` into a WriteFailed that says what went wrong,
+    what `out` holds, and that the same command resumes: complete shards are kept, and a shard
+    cut short has no manifest, so it is done again."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            cause = "the disk is full"
+        elif e.errno is None and "requested and" in str(e):  # numpy's words for a short write
+            cause = "the disk is full, most likely (a write was cut short)"
+        else:
+            cause = "a write failed"
+        done = {i: m for i in range(num_shards) if (m := read_manifest(out, i)) is not None}
+        size = sum(os.path.getsize(p) for i in done
+                   for p in glob.glob(os.path.join(glob.escape(out), shard_name(i) + ".*")))
+        fix = "free some space or give another --out" if "full" in cause else "mend that"
+        raise WriteFailed(
+            f"{cause} ({type(e).__name__}: {e}) while writing {what} in {out}. It holds "
+            f"{len(done)} of its {num_shards} shards complete "
+            f"({sum(m['samples'] for m in done.values()):,} images, {size / 2**20:,.1f} MiB); "
+            f"{fix}, then rerun the same command: it resumes where this run stopped") from e
+
+
 def prepare(cfg, rank=None, world_size=None):
     """Prepare this rank's shards (shard i belongs to rank i % world_size), skipping complete
     ones; the last rank to finish writes the index. Returns the summary dict when this call
@@ -672,9 +710,10 @@ def prepare(cfg, rank=None, world_size=None):
         raise ValueError(f"--res {' '.join(map(str, cfg.res))}: with a VAE every resolution "
                          f"must be a multiple of 8 (its latents are res / 8 on a side)")
     fmt, shards = work_shards(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
     settings = _settings(cfg, fmt, shards, str(dtype).removeprefix("torch."))
-    _check_settings(cfg.out, settings)
+    with writing(cfg.out, len(shards), "prepare.json"):
+        os.makedirs(cfg.out, exist_ok=True)
+        _check_settings(cfg.out, settings)
     mine = [i for i in range(rank, len(shards), world_size)]
     todo = [i for i in mine if read_manifest(cfg.out, i) is None]
     print(f"rank {rank}/{world_size}: {len(shards)} shards from {fmt} input {cfg.src}; "
@@ -687,7 +726,8 @@ def prepare(cfg, rank=None, world_size=None):
                 total=total, unit="img", desc=f"rank {rank}", disable=rank != 0,
                 smoothing=0.05, dynamic_ncols=True) as progress:
             for i in todo:
-                prepare_shard(i, shards[i], cfg, encoders, pool, progress)
+                with writing(cfg.out, len(shards), shard_name(i)):
+                    prepare_shard(i, shards[i], cfg, encoders, pool, progress)
     info = {"resolutions": sorted(cfg.res), "pixel_space": cfg.vae == "none",
             "vae": recorded_path(cfg.vae), "clip": recorded_path(cfg.clip), "seed": cfg.seed,
             "min_size": cfg.min_size,
@@ -695,7 +735,9 @@ def prepare(cfg, rank=None, world_size=None):
     if cfg.vae != "none":
         vae_cfg = (encoders.vae if todo else load_vae(cfg.vae)).config
         info.update(scaling_factor=vae_cfg.scaling_factor, shift_factor=vae_cfg.shift_factor)
-    if not finish_index(cfg.out, len(shards), info):
+    with writing(cfg.out, len(shards), "index.json and summary.json"):
+        done = finish_index(cfg.out, len(shards), info)
+    if not done:
         print(f"rank {rank}: done; another rank is still working, the last one to finish "
               f"writes {os.path.join(cfg.out, 'index.json')}")
         return None
@@ -703,7 +745,6 @@ def prepare(cfg, rank=None, world_size=None):
         summary = json.load(f)
     print(f"wrote {os.path.join(cfg.out, 'index.json')}: {json.dumps(summary)}")
     return summary
-
 
 
 def ensure_demo_data(out, master=True, res=32, n=PrepareConfig.n, seed=0):
@@ -779,7 +820,7 @@ def main(argv=None, demo=False):
     print(json.dumps(asdict(cfg)))
     try:
         prepare(cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad paths, settings or inputs: say so
+    except (FileNotFoundError, ValueError, WriteFailed) as e:  # bad inputs, a full disk
         return command_error(e)
 
 

@@ -1293,6 +1293,24 @@ def test_to_rgb_scales_float_and_16bit_images(tmp_path):
     assert counts == {"high_bit_depth": 1, "grayscale": 1, "alpha_composited": 1}
 
 
+def test_a_caption_without_its_image_is_counted_and_named(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    (src / "sub").mkdir(parents=True)
+    for stem in ("a", "b", os.path.join("sub", "c")):
+        Image.new("RGB", (16, 16), (200, 0, 0)).save(src / f"{stem}.png")
+        (src / f"{stem}.txt").write_text(f"picture {stem}")
+    (src / "sub" / "x.txt").write_text("the image of this caption was never copied")
+    (src / "sub" / "y.png.txt").write_text("a caption named after the image's whole name")
+    Image.new("RGB", (16, 16)).save(src / "sub" / "y.png")
+    summary = run_prepare(src, tmp_path / "out", shard_size=2)
+    assert summary["samples_written"] == 3 and summary["records_seen"] == 6
+    assert summary["skipped"] == {"missing_caption": 1, "missing_image": 2}
+    assert summary["skipped_first"] == {
+        "missing_caption": [os.path.join("sub", "y.png")],
+        "missing_image": [os.path.join("sub", "x.txt"), os.path.join("sub", "y.png.txt")]}
+    assert os.path.join("sub", "x.txt") in capsys.readouterr().out  # the printed summary
+
+
 def test_folder_with_nasty_inputs(tmp_path):
     src = tmp_path / "imgs"
     (src / "sub" / "deeper").mkdir(parents=True)
@@ -1615,6 +1633,41 @@ def test_prepare_resumes_after_a_crash_and_never_trusts_a_half_written_shard(tmp
 
     with pytest.raises(ValueError, match="other settings"):
         run_prepare("demo", tmp_path / "resumed", **{**settings, "res": [8]})
+
+
+@pytest.mark.parametrize("fails, error", [
+    # a full disk as the OS reports it, on the manifest: every column of the shard is whole
+    ("shard-00002.json", OSError(errno.ENOSPC, "No space left on device")),
+    # numpy's own words for a short write, on the second column: the first one is whole
+    ("shard-00002.caption_feats.npy", OSError("137984 requested and 22464 written"))])
+def test_prepare_on_a_full_disk_says_so_and_the_same_command_resumes(tmp_path, monkeypatch,
+                                                                     capsys, fails, error):
+    def command(out):
+        return ["--src", "demo", "--out", str(out), "--n", "10", "--shard-size", "4",
+                "--res", "16", "--vae", "none", "--clip", "tiny-random", "--workers", "2"]
+
+    assert not prepare_lib.main(command(tmp_path / "whole"))
+    real_atomic_write = data.atomic_write
+
+    def disk_fills_up(path, write):
+        def part_then_fail(f):  # some bytes land before the disk is full
+            f.write(b"\x93NUMPY half")
+            raise error
+        return real_atomic_write(path, part_then_fail if path.endswith(fails) else write)
+
+    for module in (data, prepare_lib):  # data's write_json writes the manifests
+        monkeypatch.setattr(module, "atomic_write", disk_fills_up)
+    out = tmp_path / "full"
+    assert prepare_lib.main(command(out)) == 2  # a message, not a traceback
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and f"shard-00002 in {out}" in err
+    assert "2 of its 3 shards complete (8 images" in err and "rerun the same command" in err
+    assert not glob.glob(str(out / "*.tmp-*"))  # no half file left behind
+    assert prepare_lib.read_manifest(str(out), 2) is None
+    monkeypatch.undo()
+    assert not prepare_lib.main(command(out))
+    assert "2 already done" in capsys.readouterr().out  # resumed, not started over
+    assert _all_outputs(tmp_path / "whole") == _all_outputs(out)
 
 
 def test_prepare_split_over_ranks_equals_one_process(tmp_path):
