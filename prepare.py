@@ -674,7 +674,7 @@ def writing(out, num_shards, what):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             cause = "the disk is full"
         elif e.errno is None and "requested and" in str(e):  # numpy's words for a short write
-            cause = "the disk is full, most likely (a write was cut short)"
+            cause = "the disk is full, most likely: a write was cut short"
         else:
             cause = "a write failed"
         done = {i: m for i in range(num_shards) if (m := read_manifest(out, i)) is not None}
