@@ -12,6 +12,8 @@
                                                         # try Inductor's settings
     python bench.py --preset MicroDiT_XL_2 --checkpoint --skip train sample data
                                                         # the training's wait at a save
+    python bench.py --skip train sample --data /tmp/fake --fake-samples 32768 --cache cold
+                                                        # the loader, reading from the disk
 
 Every comparison (mask 0.75 against mask 0, compiled against eager) is measured side by
 side: the variants take turns, one timed step each, and each figure is the median over its
@@ -23,22 +25,29 @@ without the loop around it (data loading, logging: train.py's log.jsonl times th
 reported on CUDA, or anywhere with --peak-tflops.
 """
 import argparse
+import collections
 import dataclasses
+import functools
+import glob
 import itertools
 import json
+import os
 import resource
 import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from checkpoint import HostSnapshot, gathered, optimizer_state
+from data import CAPTION_COLUMN, LatentLoader
 from diffusion import heun_sample
 from mixer import num_kept
 from model import (PRECISIONS, PRESETS, MicroDiT, block_ratios, count_params, precision,
                    qkv_hidden, train_flops_per_image)
 from parallel import COMPILE_MODES, inductor_options, peak_flops, set_inductor_options
+from prepare import finish_index, write_shard
 from train import PHASES, RUN_DEFAULTS, json_flag, model_overrides, train_step
 
 DEFAULTS = dict(preset="MicroDiT_Tiny_2", res=256, batch_size=8, rounds=8, warmup=2,
@@ -369,13 +378,81 @@ def bench_attention(args, cfg, device, dtype):
     return rows
 
 
+def fake_shards(out, res, n, caption_dim, shard_size=4096):
+    """Write n random samples (float16 latents [4, res/8, res/8], captions [77, caption_dim])
+    as a prepared source, for timing the loader."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(0)
+    starts = range(0, n, shard_size)
+    for i, start in enumerate(starts):
+        k = min(shard_size, n - start)
+        columns = {f"latents_{res}": rng.standard_normal((k, 4, res // 8, res // 8),
+                                                         np.float32).astype(np.float16),
+                   CAPTION_COLUMN: rng.standard_normal((k, 77, caption_dim),
+                                                       np.float32).astype(np.float16)}
+        keys = [f"fake-{start + j}" for j in range(k)]
+        write_shard(out, i, columns, keys, keys, "random", collections.Counter(seen=k))
+    finish_index(out, len(starts), {"resolutions": [res], "pixel_space": False, "vae": None,
+                                    "clip": None, "source_format": "fake"})
+
+
+def bench_loader(data, res, batch_size, batches, fake_samples, caption_dim, prefetch, cache):
+    """Loader throughput, printed and returned as a dict; with fake_samples, first writes
+    that many random samples to data. cache 'warm': read the shards once first; 'cold':
+    evict them from the page cache (posix_fadvise) and time only the rest of the first
+    epoch, so every timed read comes from the disk; 'as-is': neither."""
+    if fake_samples and not os.path.exists(os.path.join(data, "index.json")):
+        if os.path.isdir(data) and os.listdir(data):  # a prepare in progress, or anything else
+            raise ValueError(f"--fake-samples: {data} is not empty and holds no finished data "
+                             f"set (no index.json); random samples go only into a new or "
+                             f"empty folder, so give another --data")
+        fake_shards(data, res, fake_samples, caption_dim)
+    for path in glob.glob(os.path.join(data, "*.npy")) if cache != "as-is" else []:
+        with open(path, "rb") as f:
+            if cache == "cold":
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            else:  # warm: read it once, so the timed reads find it in the page cache
+                while f.read(1 << 24):
+                    pass
+    loader = LatentLoader(data, res, batch_size, prefetch=prefetch)
+    print(f"{data}: {sum(loader.num_samples):,} samples, latents {loader.latent_shape}, "
+          f"captions {loader.caption_shape}, batch {batch_size}, prefetch {prefetch}, "
+          f"{torch.get_num_threads()} torch threads")
+
+    def rate(n):
+        """(samples/s, ms/batch) over the next n batches."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(loader)
+        dt = time.perf_counter() - t0
+        return n * batch_size / dt, dt / n * 1e3
+
+    warmup = prefetch + 3  # every batch buffer the pool will hold gets allocated once here
+    startup = rate(warmup)
+    print(f"first {warmup} batches (start-up: buffer allocation, first mappings): "
+          f"{startup[0]:,.0f} samples/s ({startup[1]:.1f} ms/batch)")
+    if cache == "cold":  # the rest of the first epoch: a second one would hit the page cache
+        batches = min(batches, sum(loader.num_samples) // batch_size - warmup)
+    timed = rate(batches)
+    print(f"next {batches} batches, page cache {cache}: {timed[0]:,.0f} samples/s "
+          f"({timed[1]:.1f} ms/batch)")
+    loader.close()
+    return {"batch": batch_size, "prefetch": prefetch, "cache": cache,
+            "startup_batches": warmup, "startup_samples_per_s": startup[0],
+            "batches": batches, "samples_per_s": timed[0], "ms_per_batch": timed[1]}
+
+
+
 def bench_data(args):
-    """Loader samples/s on random 256px latents written to a temporary folder: data.py's
-    bench, page cache warm (BENCHMARKS.md has cold-disk figures)."""
-    from data import bench
+    """Loader samples/s on --data, or on 4 x --data-batch random samples written to a
+    temporary folder."""
+    run = functools.partial(bench_loader, res=args.res, batch_size=args.data_batch,
+                            batches=args.data_batches, caption_dim=args.caption_dim,
+                            prefetch=args.prefetch, cache=args.cache)
+    if args.data:
+        return run(args.data, fake_samples=args.fake_samples)
     with tempfile.TemporaryDirectory() as folder:
-        return bench(folder, 256, args.data_batch, batches=3, fake_samples=4 * args.data_batch,
-                     caption_dim=1024, prefetch=0, cache="warm")
+        return run(folder, fake_samples=args.fake_samples or 4 * args.data_batch)
 
 
 def main(argv=None):
@@ -403,6 +480,17 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, help="default 30")
     p.add_argument("--sample-batch", type=int, help="default 8")
     p.add_argument("--data-batch", type=int, help="default 2048")
+    p.add_argument("--data", help="time the loader on this prepared folder (default: random "
+                   "latents in a temporary folder)")
+    p.add_argument("--fake-samples", type=int, default=0, help="first write this many random "
+                   "samples to --data, if it has no index.json (default without --data: 4 x "
+                   "--data-batch)")
+    p.add_argument("--data-batches", type=int, default=3, help="timed loader batches")
+    p.add_argument("--prefetch", type=int, default=0, help="loader batches made ahead")
+    p.add_argument("--caption-dim", type=int, default=1024, help="random captions' width")
+    p.add_argument("--cache", choices=["warm", "cold", "as-is"], default="warm",
+                   help="warm: read the data once first; cold: evict it from the page cache "
+                   "and time the rest of the first epoch only, so reads come from the disk")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "data"])
     p.add_argument("--attention", action="store_true", help="time each attention shape of the "
                                                             "model under every SDPA backend")
@@ -493,7 +581,8 @@ def main(argv=None):
     if "data" not in args.skip:
         results["data"] = bench_data(args)
         print(f"data loader: {results['data']['samples_per_s']:,.0f} samples/s "
-              f"(batch {args.data_batch}, 256px latents, 1024-wide captions, page cache warm)")
+              f"(batch {args.data_batch}, {args.res}px latents, {args.caption_dim}-wide "
+              f"captions, page cache {args.cache})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import numpy
 import torch
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 import text as text_lib
 import vae as vae_lib
-from data import absolute_sources, atomic_write, write_json
+from data import absolute_sources
 from diffusion import SIGMA_BUCKETS
 from model import PRESETS, DiTConfig, MicroDiT, check_mask_ratio, pos_embed_of, sincos_pos_embed
 
@@ -47,6 +48,47 @@ RELEASED_FILES = ("dit_4_channel_22M_real_only_data.pt",
                   "dit_4_channel_0.5B_synthetic_data.pt")
 RELEASED_CKPT = f"ckpts/{RELEASED_FILES[1]}"  # the one sample.py uses by default
 MICRODIT_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.y_proj.fc1.weight")
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def atomic_write(path, write):
+    """write(f) to a private temporary name, then rename: readers and restarted runs see the
+    whole file or none of it."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # pids repeat across hosts
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, an interrupt: leave no half file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    sync_folder(os.path.dirname(path) or ".")
+
+
+def sync_folder(folder):
+    """fsync a folder, which makes the renames in it survive a power cut (the file's own
+    fsync does not cover its name). Best effort: the file itself is already whole and in
+    place, so a folder that cannot be opened or synced (Windows, some network file systems)
+    is left to the file system's own guarantees rather than failing the write."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj):
+    """obj as indented JSON, written atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -730,8 +772,8 @@ class Log:
                 f"{line['ms_per_step']:.0f}ms {line['images_per_s']:.0f}img/s{mfu}")
 
 
-CODE_FILES = ("model.py", "mixer.py", "moe.py", "diffusion.py", "data.py", "checkpoint.py",
-              "train.py")
+CODE_FILES = ("model.py", "mixer.py", "moe.py", "diffusion.py", "data.py", "prepare.py",
+              "checkpoint.py", "parallel.py", "train.py")
 
 
 def environment(device):

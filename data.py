@@ -1,18 +1,13 @@
-"""Everything between a pile of captioned images and a training batch.
+"""The shard format, the training loader, and the built-in shapes set.
 
-    python data.py demo --out data/shapes32 --n 4000 --res 32               # built-in set, pixels
-    python data.py prepare --src imgs/ --out data/mine --res 256 512 --vae weights/sdxl/vae
-    torchrun --nproc_per_node 8 data.py prepare --src shards/ --out data/cc12m --res 256 512 ...
+    python data.py info data/cc12m          # describe a prepared (or MosaicML MDS) folder
+    python data.py demo --out data/shapes32 --n 4000 --res 32     # the shapes set, prepared
 
     loader = LatentLoader("data/cc12m:0.6,data/synthetic:0.4", resolution=256, batch_size=256)
     batch = next(loader)         # {"latents": (B, C, h, w) float32, "captions": (B, 77, D) float32}
 
-Inputs: a folder of images with same-named .txt captions, img2dataset WebDataset tars, COCO
-captions JSON + image folder, or the built-in shapes set. `prepare` resizes (short side,
-bicubic), centre-crops, encodes each resolution with the VAE (a posterior SAMPLE, scaled) or
-keeps the pixels in [-1, 1] (`--vae none`), encodes the captions to [77, D] token features,
-and writes float16 shards. The loader reads those shards, or the paper's own MosaicML MDS
-latent shards, memory-mapped.
+prepare.py turns captioned images into shards (`python data.py prepare ...` runs it as well);
+the loader reads those shards, or the paper's own MosaicML MDS latent shards, memory-mapped.
 
 Shard format (one directory): `shard-NNNNN.<column>.npy` float16 arrays, one row per sample
 (`latents_<res>` [n, C, h, w] (h = res/8 with the SDXL VAE), or `images_<res>` [n, 3, res,
@@ -27,38 +22,23 @@ import atexit
 import collections
 import functools
 import glob
-import hashlib
-import io
 import json
 import os
 import queue
-import re
 import sys
-import tarfile
 import threading
-import time
-import uuid
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
-from tqdm import tqdm
-
-import text as text_lib
-import vae as vae_lib
-from text import DEFAULT_CLIP, TINY_RANDOM, load_text_encoder
-from vae import load_vae
 
 FORMAT = "microdit-shards"
 FORMAT_VERSION = 1
 CAPTION_COLUMN = "caption_feats"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SOURCE_FORMATS = ("folder", "tar", "coco", "demo")
 
 # ----------------------------------------------------------------------------------------
 # built-in data: coloured shapes with captions that say what and where they are
@@ -135,412 +115,7 @@ def render_shapes(a, res, supersample=4):
 
 
 # ----------------------------------------------------------------------------------------
-# inputs: every format becomes a list of work shards, each a list of records
-
-Record = collections.namedtuple("Record", "key load_image caption")
-# key: unique within the dataset; load_image: () -> PIL image, or None when the image is
-# missing; caption: bytes (decoded later, so bad encodings are counted), str, None, or a
-# () -> one of those (read in the decoding threads)
-
-
-@dataclass
-class WorkShard:
-    origin: str              # where the records come from, for messages and the manifest
-    size: int | None         # number of records, when known before reading
-    records: object          # (counts) -> iterator of Record; counts takes input-level problems
-    fingerprint: str         # changes when the input behind this shard changes
-
-
-SOURCES = ("a folder of images with .txt captions, a .tar, a folder or glob of .tar shards, "
-           "a COCO captions .json, or 'demo'")
-
-
-def detect_format(src):
-    if src == "demo":
-        return "demo"
-    if os.path.isdir(src):  # first: a folder's name may hold [ or * or end in .json
-        if os.path.exists(os.path.join(src, "index.json")):
-            raise ValueError(f"{src} already holds prepared shards (it has an index.json): "
-                             f"pass it to training directly (--data {src})")
-        names = os.listdir(src)
-        tars = [f for f in names if f.endswith(".tar")]
-        images = [f for f in names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-        if tars and images:
-            raise ValueError(f"--src {src} holds both .tar files ({len(tars)}) and images "
-                             f"({len(images)}); which is the data? Pass the tars as a glob "
-                             f"('{os.path.join(src, '*.tar')}') or move them out of the folder")
-        return "tar" if tars else "folder"
-    if src.endswith(".json"):
-        return "coco"
-    if src.endswith(".tar") or any(c in src for c in "*?["):
-        return "tar"
-    if os.path.exists(src):
-        raise ValueError(f"--src {src}: a file prepare does not read; expected {SOURCES}")
-    raise FileNotFoundError(f"--src {src}: no such file or folder (expected {SOURCES})")
-
-
-def _chunks(records, size, origin):
-    return [WorkShard(f"{origin}[{i}:{i + len(part)}]", len(part),
-                      lambda counts, part=part: iter(part), "\n".join(r.key for r in part))
-            for i in range(0, len(records), size) for part in [records[i:i + size]]]
-
-
-def _read_if_exists(path):
-    """The caption file's bytes, or None when there is none. Other read errors (permissions,
-    a symlink loop, a failing disk) propagate, for decode_caption to count."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, IsADirectoryError):  # a folder named like a caption is none
-        return None
-
-
-def folder_shards(root, shard_size):
-    """Every image under root (nested folders too), in sorted path order; its caption is the
-    same path with .txt."""
-    records = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(dirpath, name)
-            records.append(Record(os.path.relpath(path, root), functools.partial(Image.open, path),
-                                  functools.partial(_read_if_exists,
-                                                    os.path.join(dirpath, stem + ".txt"))))
-    if not records:
-        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return _chunks(records, shard_size, root)
-
-
-def tar_shards(src):
-    """One work shard per tar (img2dataset writes ~10k samples per tar). A folder means every
-    .tar in it; a pattern is expanded with glob."""
-    if os.path.isdir(src):
-        paths = sorted(glob.glob(os.path.join(glob.escape(src), "*.tar")))
-    else:
-        paths = sorted(glob.glob(src))
-    if not paths:
-        raise FileNotFoundError(f"--src {src}: no .tar files")
-    return [WorkShard(path, _img2dataset_count(path),
-                      lambda counts, path=path: _tar_records(path, counts),
-                      f"{path} {os.path.getsize(path)}") for path in paths]
-
-
-def _img2dataset_count(tar_path):
-    """img2dataset leaves NNNNN_stats.json next to NNNNN.tar; its count gives the progress bar
-    a total. Without it the bar shows the rate only."""
-    try:
-        with open(tar_path[:-len(".tar")] + "_stats.json") as f:
-            return int(json.load(f)["successes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _tar_records(path, counts):
-    """WebDataset grouping: consecutive members sharing a name up to the first dot of the
-    basename form one sample (KEY.jpg, KEY.txt, KEY.json)."""
-    tar_name = os.path.basename(path)
-    group_key, files = None, {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                dirname, base = os.path.split(member.name)
-                stem, _, ext = base.partition(".")
-                key = os.path.join(dirname, stem)
-                if key != group_key and group_key is not None:
-                    yield _tar_record(tar_name, group_key, files)
-                    files = {}
-                group_key = key
-                files[ext.lower()] = tar.extractfile(member).read()
-            # tarfile stops without a word when the file ends at or inside a header; a whole
-            # archive ends with two zero blocks (1,024 bytes) after its last member
-            if os.path.getsize(path) - tar.offset < 1024:
-                raise EOFError("no end-of-archive blocks: the file was cut short")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        counts["bad_tar"] += 1
-        print(f"{path}: stopped reading after {group_key!r} ({type(e).__name__}: {e})")
-        return  # the last group may be incomplete: drop it
-    if group_key is not None:
-        yield _tar_record(tar_name, group_key, files)
-
-
-def _tar_record(tar_name, key, files):
-    image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-    caption = files.get("txt")
-    if caption is None and "json" in files:  # some writers keep the caption only in the json
-        try:
-            text, non_utf8 = files["json"].decode("utf-8"), False
-        except UnicodeDecodeError:  # Windows-1252, as for a .txt caption
-            text, non_utf8 = files["json"].decode("cp1252", errors="replace"), True
-        try:
-            caption = json.loads(text).get("caption")
-        except (ValueError, AttributeError):  # not JSON, or not an object
-            caption = None
-        caption = caption if isinstance(caption, str) else None
-        if caption is not None and non_utf8:  # as bytes, so that decode_caption counts it
-            caption = caption.encode("cp1252", errors="replace")
-    return Record(f"{tar_name}/{key}",
-                  None if image is None else (lambda: Image.open(io.BytesIO(image))), caption)
-
-
-def read_coco_captions(json_path, flag):
-    """A COCO captions JSON -> ({image id: file name}, {image id: [(annotation id, caption)]})
-    for the images that have a caption, each image's captions in annotation id order: its
-    first caption is the one with the lowest id, whatever the order of the file. flag: the
-    command-line option that named the file, for messages."""
-    try:
-        with open(json_path) as f:
-            coco = json.load(f)
-        captions = collections.defaultdict(list)
-        for a in sorted(coco["annotations"], key=lambda a: a["id"]):
-            caption = a["caption"]  # a null or non-text caption: a missing one (skipped)
-            captions[a["image_id"]].append((a["id"], caption if isinstance(caption, str)
-                                            else None))
-        files = {im["id"]: im["file_name"] for im in coco["images"] if im["id"] in captions}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{flag} {json_path}: no such file (COCO's captions file, "
-                                f"annotations/captions_val2014.json in "
-                                f"annotations_trainval2014.zip)") from None
-    except ValueError as e:
-        raise ValueError(f"{flag} {json_path}: not valid JSON ({e}); is the download "
-                         f"complete?") from None
-    except (KeyError, TypeError) as e:
-        problem = f"no {e} key" if isinstance(e, KeyError) else e
-        raise ValueError(f"{flag} {json_path}: not a COCO captions file (expected \"images\" "
-                         f"with id and file_name, \"annotations\" with image_id, id and a "
-                         f"caption string, as in annotations/captions_val2014.json; "
-                         f"{problem})") from None
-    return files, dict(captions)
-
-
-def coco_shards(json_path, images_dir, which, shard_size):
-    """COCO captions: one sample per image with its first caption (lowest annotation id), or
-    one per caption (`which='all'`, in annotation id order). Images without a caption are
-    left out."""
-    files, captions = read_coco_captions(json_path, "--src")
-    if images_dir is None:  # the usual layout: annotations/captions_X.json next to X/
-        split = os.path.basename(json_path).removeprefix("captions_").removesuffix(".json")
-        here = os.path.dirname(os.path.abspath(json_path))
-        candidates = [os.path.join(here, split), os.path.join(os.path.dirname(here), split)]
-        images_dir = next((c for c in candidates if os.path.isdir(c)), None)
-        if images_dir is None:
-            raise FileNotFoundError(f"{json_path}: cannot find its images (looked in "
-                                    f"{' and '.join(candidates)}); pass --coco-images DIR")
-    records = []
-    for image_id in sorted(files):
-        path = os.path.join(images_dir, files[image_id])
-        for ann_id, caption in captions[image_id][:1 if which == "first" else None]:
-            key = f"{image_id}" if which == "first" else f"{image_id}-{ann_id}"
-            records.append(Record(key, lambda path=path: Image.open(path), caption))
-    return _chunks(records, shard_size, json_path)
-
-
-def demo_shards(n, seed, res, shard_size):
-    records = [Record(f"shapes-{i:07d}",
-                      lambda i=i: render_shapes(demo_attributes(seed, i), res),
-                      lambda i=i: caption_of(demo_attributes(seed, i))) for i in range(n)]
-    return _chunks(records, shard_size, f"demo(seed={seed})")
-
-
-# ----------------------------------------------------------------------------------------
-# one sample: decode, repair, resize; nothing here raises on bad input, it counts instead
-
-CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def decode_caption(raw, counts):
-    """bytes/str -> stripped str, or None when missing, unreadable or empty. UTF-16 with a
-    byte-order mark (Windows Notepad's "Unicode") is read as such; other non-UTF-8 bytes as
-    Windows-1252, the usual culprit (b'caf\\xe9' -> 'café'). Control characters (NULs, ...)
-    are dropped."""
-    if callable(raw):
-        try:
-            raw = raw()
-        except OSError:  # permissions, a symlink loop, a failing disk
-            counts["unreadable_caption"] += 1
-            return None
-    if raw is None:
-        counts["missing_caption"] += 1
-        return None
-    if isinstance(raw, bytes):
-        try:
-            if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                raw = raw.decode("utf-16")
-                counts["utf16_caption"] += 1
-            else:
-                raw = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            counts["non_utf8_caption"] += 1
-            raw = raw.decode("cp1252", errors="replace")
-    raw, removed = CONTROL_CHARACTERS.subn("", raw)
-    if removed:
-        counts["control_characters"] += 1
-    text = raw.strip()
-    if not text:
-        counts["empty_caption"] += 1
-        return None
-    return text
-
-
-def float_range(values):
-    """The white level of a float image, which carries none: 1 if every value is at most 1
-    (the usual convention), else 255 or 65535, the first that holds them."""
-    top = float(np.nanmax(values)) if values.size else 0.0
-    return next((white for white in (1.0, 255.0) if top <= white), 65535.0)
-
-
-def to_rgb(img, counts):
-    """Any PIL mode -> 8-bit RGB. Transparency is composited on white. 16-bit and float
-    values are scaled to 8 bits: PIL's own conversion clips 16-bit values above 255 to
-    white and keeps floats in [0, 1] as 0 and 1, black."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        values = np.asarray(img, dtype=np.float64)                # (H, W)
-        if img.mode == "F":
-            counts["float_image"] += 1
-            white = float_range(values)
-        else:
-            counts["high_bit_depth"] += 1
-            white = 65535.0
-        scaled = np.round(np.nan_to_num(values) * (255.0 / white)).clip(0, 255)
-        grey = Image.fromarray(scaled.astype(np.uint8))
-        key = img.info.get("transparency")  # a PNG's tRNS: one 16-bit grey value is clear
-        if isinstance(key, int):
-            alpha = np.where(values == key, 0, 255).astype(np.uint8)
-            grey = Image.merge("LA", (grey, Image.fromarray(alpha)))
-        img = grey
-    if img.mode in ("P", "PA"):
-        counts["palette"] += 1
-    elif img.mode == "CMYK":
-        counts["cmyk"] += 1
-    elif img.mode in ("1", "L", "LA", "La"):
-        counts["grayscale"] += 1
-    elif img.mode not in ("RGB", "RGBA", "RGBa"):
-        counts["other_mode"] += 1
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
-        counts["alpha_composited"] += 1
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
-    return img.convert("RGB")
-
-
-EXIF_ORIENTATION = 0x0112
-MAX_ASPECT = 16  # longer side over shorter beyond which resize_center_crop resamples a box
-
-
-def resize_center_crop(img, res):
-    """Short side to `res` (bicubic), then the centre `res` x `res` square: torchvision's
-    Resize(res) + CenterCrop(res), the paper's transform."""
-    w, h = img.size
-    if w <= h:
-        size = (res, int(res * h / w))
-    else:
-        size = (int(res * w / h), res)
-    left = int(round((size[0] - res) / 2.0))
-    top = int(round((size[1] - res) / 2.0))
-    if max(size) > MAX_ASPECT * res:
-        # a strip (a 1 x 4,000 image would resize to 512 x 2,048,000: 3 GB): resample only
-        # the square that survives the crop. PIL's box path differs from the whole resize in
-        # the first row (by up to ~20 levels), so ordinary images take the exact path below
-        sx, sy = w / size[0], h / size[1]
-        box = (left * sx, top * sy, (left + res) * sx, (top + res) * sy)
-        return img.resize((res, res), Image.BICUBIC, box=box)
-    img = img.resize(size, Image.BICUBIC)
-    return img.crop((left, top, left + res, top + res))
-
-
-def to_unit_range(pixels):
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-Loaded = collections.namedtuple("Loaded", "key images caption counts")
-
-
-def load_sample(record, resolutions, min_size=0):
-    """Record -> Loaded with `images` one uint8 (res, res, 3) array per resolution, or None
-    (then `counts` says why: exactly one skip reason per skipped record). Images whose short
-    side is below `min_size` are skipped, not upscaled."""
-    counts = collections.Counter()
-    caption = decode_caption(record.caption, counts)
-    if caption is None:  # checked first: no point decoding an image that will be dropped
-        return Loaded(record.key, None, None, counts)
-    if record.load_image is None:
-        counts["missing_image"] += 1
-        return Loaded(record.key, None, caption, counts)
-    conversions = collections.Counter()  # kept only if the sample makes it
-    try:
-        img = record.load_image()
-        if min(img.size) < min_size:  # known from the header: no need to decode it
-            counts["too_small"] += 1
-            return Loaded(record.key, None, caption, counts)
-        img.load()  # truncated or corrupt files fail here, not at open
-        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a phone photo, stored sideways
-            conversions["exif_rotated"] += 1
-            img = ImageOps.exif_transpose(img)
-        img = to_rgb(img, conversions)
-        if min(img.size) < max(resolutions):
-            conversions["upscaled"] += 1
-        images = [np.asarray(resize_center_crop(img, r)) for r in resolutions]
-    except FileNotFoundError:
-        counts["missing_image"] += 1
-        return Loaded(record.key, None, caption, counts)
-    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb errors)
-        counts["unreadable_image"] += 1
-        return Loaded(record.key, None, caption, counts)
-    counts.update(conversions)
-    return Loaded(record.key, images, caption, counts)
-
-
-# ----------------------------------------------------------------------------------------
-# encoders
-
-def posterior_generator(seed, key, res):
-    """The generator for one sample's VAE posterior noise: a function of (seed, sample key,
-    resolution) alone, so latents do not depend on batch size, rank count or restarts."""
-    digest = hashlib.sha256(f"{seed}/{res}/{key}".encode("utf-8", "surrogateescape")).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-class Encoders:
-    """The VAE (None in pixel mode) and the text encoder, on one device."""
-
-    def __init__(self, vae, clip, device, dtype):
-        self.device, self.dtype = device, dtype
-        try:
-            self.vae = None if vae == "none" else load_vae(vae, device=device, dtype=dtype)
-            self.text = load_text_encoder(clip, device=device, dtype=dtype)
-        except FileNotFoundError as e:  # weights not downloaded yet, most often
-            raise FileNotFoundError(f"{e}\nThe paper's encoders, downloaded once:\n"
-                                    f"    {vae_lib.DOWNLOAD}\n    {text_lib.DOWNLOAD}\nthen give "
-                                    f"--vae {vae_lib.DOWNLOADED} --clip "
-                                    f"{text_lib.DOWNLOADED}") from None
-
-    @torch.inference_mode()
-    def images(self, pixels, keys, res, seed):
-        """uint8 (N, res, res, 3) -> float16 (N, C, h, w): scaled VAE posterior samples, each
-        with its own posterior_generator; or the pixels in [-1, 1]."""
-        x = to_unit_range(pixels)                                       # (N, 3, res, res)
-        if self.vae is None:
-            return x.half().numpy()
-        generators = [posterior_generator(seed, k, res) for k in keys]
-        latents = self.vae.encode_to_scaled(x.to(self.device, self.dtype), generators)
-        return latents.half().cpu().numpy()                             # (N, C, h, w)
-
-    @torch.inference_mode()
-    def captions(self, captions, counts):
-        """str list -> float16 (N, 77, D); counts captions cut at 77 tokens."""
-        counts["caption_truncated"] += len(self.text.truncated(captions))
-        with warnings.catch_warnings():  # counted above instead of one warning per caption
-            warnings.simplefilter("ignore")
-            return self.text.encode(captions).half().cpu().numpy()
-
-
-# ----------------------------------------------------------------------------------------
-# output shards
+# the shard format
 
 def shard_name(i):
     return f"shard-{i:05d}"
@@ -549,59 +124,6 @@ def shard_name(i):
 def column_path(out, name, column):
     return os.path.join(out, f"{name}.{column}.npy")
 
-
-def atomic_write(path, write):
-    """write(f) to a private temporary name, then rename: readers and restarted runs see the
-    whole file or none of it."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # pids repeat across hosts
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a full disk, an interrupt: leave no half file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-    sync_folder(os.path.dirname(path) or ".")
-
-
-def sync_folder(folder):
-    """fsync a folder, which makes the renames in it survive a power cut (the file's own
-    fsync does not cover its name). Best effort: the file itself is already whole and in
-    place, so a folder that cannot be opened or synced (Windows, some network file systems)
-    is left to the file system's own guarantees rather than failing the write."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path, obj):
-    """obj as indented JSON, written atomically (see atomic_write)."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def write_shard(out, shard_id, columns, keys, captions, origin, counts, skipped=()):
-    """Column arrays (n rows each) first, the manifest last: a shard is complete exactly when
-    its manifest exists. skipped: [key, reason] of the records left out."""
-    name = shard_name(shard_id)
-    for stale in glob.glob(os.path.join(out, f"{name}.*.tmp-*")):  # left by a killed run
-        os.remove(stale)
-    for column, array in columns.items():
-        assert len(array) == len(keys), (column, array.shape, len(keys))
-        atomic_write(column_path(out, name, column), lambda f, a=array: np.save(f, a))
-    write_json(os.path.join(out, name + ".json"),
-               {"samples": len(keys), "origin": origin, "keys": keys, "captions": captions,
-                "columns": sorted(columns), "counts": dict(sorted(counts.items())),
-                "skipped": list(skipped)})
 
 
 def read_manifest(out, shard_id):
@@ -612,246 +134,6 @@ def read_manifest(out, shard_id):
     except (OSError, ValueError):
         return None
 
-
-SKIPPED_NAMED = 10  # skipped records named per reason in summary.json
-SKIP_REASONS = ("missing_caption", "empty_caption", "unreadable_caption", "missing_image",
-                "unreadable_image", "too_small",  # too_small: below --min-size
-                "bad_tar")  # bad_tar: a tar that could not be read to its end
-
-
-def finish_index(out, num_shards, info):
-    """Write index.json and summary.json if every shard is complete; returns whether it did.
-    Every rank calls this when it is done, so the last one to finish writes the index
-    (identical content, atomic rename: two ranks racing do no harm)."""
-    manifests = [read_manifest(out, i) for i in range(num_shards)]
-    if any(m is None for m in manifests):
-        return False
-    columns = {}
-    for i, m in enumerate(manifests):
-        if m["samples"]:
-            for column in m["columns"]:
-                a = np.load(column_path(out, shard_name(i), column), mmap_mode="r")
-                columns[column] = {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
-            break
-    counts = collections.Counter()
-    for m in manifests:
-        counts.update(m["counts"])
-    num_samples = sum(m["samples"] for m in manifests)
-    summary = {"samples_written": num_samples, "records_seen": counts.pop("seen", 0),
-               "skipped": {k: counts[k] for k in SKIP_REASONS if counts[k]},
-               "converted": {k: v for k, v in sorted(counts.items())
-                             if k not in SKIP_REASONS and v}}
-    named = collections.defaultdict(list)  # the first few of each reason; manifests: all
-    for m in manifests:
-        for key, reason in m.get("skipped", []):  # folders prepared before had no list
-            if len(named[reason]) < SKIPPED_NAMED:
-                named[reason].append(key)
-    if named:
-        summary["skipped_first"] = dict(sorted(named.items()))
-        summary["skipped_all"] = "the \"skipped\" list of each shard-NNNNN.json"
-    write_json(os.path.join(out, "summary.json"), summary)  # also when it explains a failure
-    if not columns:
-        raise ValueError(f"{out}: every one of the {summary['records_seen']} records was "
-                         f"skipped ({summary['skipped']}); summary.json has the counts")
-    write_json(os.path.join(out, "index.json"),
-               {"format": FORMAT, "version": FORMAT_VERSION, "num_samples": num_samples,
-                "columns": columns,
-                "shards": [{"name": shard_name(i), "samples": m["samples"]}
-                           for i, m in enumerate(manifests)], **info})
-    return True
-
-
-# ----------------------------------------------------------------------------------------
-# prepare
-
-@dataclass
-class PrepareConfig:
-    src: str                        # folder, .tar / folder of tars / glob, COCO .json, 'demo'
-    out: str
-    res: list = field(default_factory=lambda: [256])
-    vae: str = "none"               # VAE folder/file for vae.load_vae, or 'none' for pixels
-    clip: str = DEFAULT_CLIP        # an OpenCLIP hub id, a local file, or 'tiny-random'
-    format: str | None = None       # detected from src when None
-    batch_size: int = 64
-    device: str | None = None       # cuda:LOCAL_RANK when there is a GPU, else cpu
-    dtype: str | None = None        # bfloat16 on GPU, float32 on CPU
-    shard_size: int = 2000          # samples per output shard (tar inputs: one shard per tar)
-    min_size: int = 0               # skip images whose short side is smaller (0: upscale them)
-    seed: int = 0                   # VAE posterior noise (and the demo set's content)
-    workers: int = 8                # image decoding threads
-    coco_images: str | None = None
-    coco_captions: str = "first"    # or 'all'
-    n: int = 2000                   # size of the demo set
-
-
-def work_shards(cfg):
-    fmt = cfg.format or detect_format(cfg.src)
-    if fmt == "folder":
-        return fmt, folder_shards(cfg.src, cfg.shard_size)
-    if fmt == "tar":
-        return fmt, tar_shards(cfg.src)
-    if fmt == "coco":
-        return fmt, coco_shards(cfg.src, cfg.coco_images, cfg.coco_captions, cfg.shard_size)
-    if fmt == "demo":
-        return fmt, demo_shards(cfg.n, cfg.seed, max(cfg.res), cfg.shard_size)
-    raise ValueError(f"--format {fmt!r}: choose from {SOURCE_FORMATS}")
-
-
-def _bounded_map(pool, fn, items, window):
-    """pool.map that keeps at most `window` results in flight, so decoded images do not pile
-    up in memory while the encoders are slower than the decoders."""
-    pending = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def _settings(cfg, fmt, shards, dtype):
-    """What decides the content of the shards; a restarted run must match it."""
-    return {"format": fmt, "src": cfg.src if fmt == "demo" else os.path.abspath(cfg.src),
-            "resolutions": sorted(cfg.res), "vae": cfg.vae, "clip": cfg.clip, "seed": cfg.seed,
-            "shard_size": cfg.shard_size, "coco_captions": cfg.coco_captions,
-            "n": cfg.n if fmt == "demo" else None, "num_shards": len(shards),
-            "dtype": dtype,
-            # only when set, so that folders prepared before --min-size existed still resume
-            **({"min_size": cfg.min_size} if cfg.min_size else {}),
-            "inputs_sha256": hashlib.sha256(
-                "\n".join(s.fingerprint for s in shards).encode("utf-8", "surrogateescape")
-            ).hexdigest()}
-
-
-def settings_changes(old, new):
-    """What differs between two settings dicts, as 'key: old then, new now' lines."""
-    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now"
-            for k in {**old, **new} if old.get(k) != new.get(k)]
-
-
-def _check_settings(out, settings):
-    """Refuse to add to shards made with other settings. A prepare.json without any shard
-    (a run stopped before its first one, by a mistyped --vae, say) binds nothing."""
-    path = os.path.join(out, "prepare.json")
-    if os.path.exists(path) and glob.glob(os.path.join(out, "shard-*.json")):
-        with open(path) as f:
-            old = json.load(f)
-        diff = settings_changes(old, settings)
-        if diff:
-            raise ValueError(f"{out} holds shards prepared with other settings or from a "
-                             f"changed source ({'; '.join(diff)}): use a new --out, or "
-                             f"delete {out} to start over")
-    else:
-        write_json(path, settings)
-
-
-def prepare_shard(shard_id, shard, cfg, encoders, pool, progress):
-    resolutions = sorted(cfg.res)
-    counts = collections.Counter()
-    keys, captions = [], []
-    parts = collections.defaultdict(list)
-
-    def encode(batch):
-        if not batch:
-            return
-        batch_keys = [b.key for b in batch]
-        for i, res in enumerate(resolutions):
-            pixels = np.stack([b.images[i] for b in batch])             # (N, res, res, 3)
-            column = f"latents_{res}" if encoders.vae is not None else f"images_{res}"
-            parts[column].append(encoders.images(pixels, batch_keys, res, cfg.seed))
-        parts[CAPTION_COLUMN].append(encoders.captions([b.caption for b in batch], counts))
-        keys.extend(batch_keys)
-        captions.extend(b.caption for b in batch)
-
-    batch, skipped = [], []
-    loaded = _bounded_map(pool, lambda r: load_sample(r, resolutions, cfg.min_size),
-                          shard.records(counts),
-                          window=2 * cfg.batch_size)
-    for sample in loaded:
-        progress.update(1)
-        counts["seen"] += 1
-        counts.update(sample.counts)
-        if sample.images is not None:
-            batch.append(sample)
-        else:  # named in the manifest, so that a skipped image can be found and mended
-            skipped.append([sample.key, next(r for r in SKIP_REASONS if sample.counts[r])])
-        if len(batch) == cfg.batch_size:
-            encode(batch)
-            batch = []
-    encode(batch)
-    # written even when every record was bad: an empty shard is complete, reruns skip it
-    write_shard(cfg.out, shard_id, {c: np.concatenate(p) for c, p in parts.items()}, keys,
-                captions, shard.origin, counts, skipped)
-
-
-ProcessEnv = collections.namedtuple("ProcessEnv", "rank world_size device")
-
-
-def process_env(device=None):
-    """This process's rank, world size and device, from torchrun's environment (RANK,
-    WORLD_SIZE, LOCAL_RANK; 0, 1 and 0 without torchrun). device None means cuda when there
-    is a GPU, else cpu; a bare 'cuda' means this rank's own GPU, cuda:LOCAL_RANK, not GPU 0
-    for every rank; any other device is kept as given."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return ProcessEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                      device)
-
-
-def prepare(cfg, rank=None, world_size=None):
-    """Prepare this rank's shards (shard i belongs to rank i % world_size), skipping complete
-    ones; the last rank to finish writes the index. Returns the summary dict when this call
-    wrote the index, else None."""
-    env = process_env(cfg.device)
-    rank = env.rank if rank is None else rank
-    world_size = env.world_size if world_size is None else world_size
-    device = env.device
-    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    if cfg.coco_captions not in ("first", "all"):
-        raise ValueError(f"--coco-captions {cfg.coco_captions!r}: 'first' or 'all'")
-    for flag, value in [("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size),
-                        ("--workers", cfg.workers), ("--n", cfg.n),
-                        *[("--res", r) for r in cfg.res]]:
-        if value < 1:
-            raise ValueError(f"{flag} {value}: must be at least 1")
-    if cfg.min_size < 0:
-        raise ValueError(f"--min-size {cfg.min_size}: must be 0 (keep every image) or more")
-    if cfg.vae != "none" and any(r % 8 for r in cfg.res):
-        raise ValueError(f"--res {' '.join(map(str, cfg.res))}: with a VAE every resolution "
-                         f"must be a multiple of 8 (its latents are res / 8 on a side)")
-    fmt, shards = work_shards(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    settings = _settings(cfg, fmt, shards, str(dtype).removeprefix("torch."))
-    _check_settings(cfg.out, settings)
-    mine = [i for i in range(rank, len(shards), world_size)]
-    todo = [i for i in mine if read_manifest(cfg.out, i) is None]
-    print(f"rank {rank}/{world_size}: {len(shards)} shards from {fmt} input {cfg.src}; "
-          f"{len(mine)} are this rank's, {len(mine) - len(todo)} already done")
-    if todo:
-        encoders = Encoders(cfg.vae, cfg.clip, device, dtype)
-        sizes = [shards[i].size for i in todo]
-        total = None if None in sizes else sum(sizes)
-        with ThreadPoolExecutor(cfg.workers) as pool, tqdm(
-                total=total, unit="img", desc=f"rank {rank}", disable=rank != 0,
-                smoothing=0.05, dynamic_ncols=True) as progress:
-            for i in todo:
-                prepare_shard(i, shards[i], cfg, encoders, pool, progress)
-    info = {"resolutions": sorted(cfg.res), "pixel_space": cfg.vae == "none",
-            "vae": recorded_path(cfg.vae), "clip": recorded_path(cfg.clip), "seed": cfg.seed,
-            "min_size": cfg.min_size,
-            "source": settings["src"], "source_format": fmt}
-    if cfg.vae != "none":
-        vae_cfg = (encoders.vae if todo else load_vae(cfg.vae)).config
-        info.update(scaling_factor=vae_cfg.scaling_factor, shift_factor=vae_cfg.shift_factor)
-    if not finish_index(cfg.out, len(shards), info):
-        print(f"rank {rank}: done; another rank is still working, the last one to finish "
-              f"writes {os.path.join(cfg.out, 'index.json')}")
-        return None
-    with open(os.path.join(cfg.out, "summary.json")) as f:
-        summary = json.load(f)
-    print(f"wrote {os.path.join(cfg.out, 'index.json')}: {json.dumps(summary)}")
-    return summary
 
 
 # ----------------------------------------------------------------------------------------
@@ -884,7 +166,7 @@ class NpyShard:
             except (OSError, ValueError) as e:
                 raise ValueError(f"{path}: cannot be read ({e}); the shard is missing or "
                                  f"damaged: delete {self.name}.* and rerun the same "
-                                 f"`python data.py prepare` to rewrite it") from None
+                                 f"`python prepare.py` to rewrite it") from None
             expected = (self.num_samples, *shape)
             if array.shape != expected or str(array.dtype) != dtype:
                 raise ValueError(f"{path}: {array.dtype} {list(array.shape)}, index.json says "
@@ -973,9 +255,9 @@ class MDSShard:
                              f"{self.num_samples}")
         offsets = data[4:4 * (n + 2)].view(np.uint32).astype(np.int64)  # (n + 1,)
         variable = [c for c in self.names if not self.fixed_sizes[c]]
-        # every sample's size header at once: (n, len(variable)) uint32
+        # every sample's size header at once (V = len(variable) uint32s): (n, 4V) uint8
         header = np.ascontiguousarray(data[offsets[:-1, None] + np.arange(4 * len(variable))])
-        sizes = header.view(np.uint32).astype(np.int64).reshape(n, len(variable))
+        sizes = header.view(np.uint32).astype(np.int64).reshape(n, len(variable))  # (n, V)
         start = offsets[:-1] + 4 * len(variable)
         for c in self.names:
             size = (sizes[:, variable.index(c)] if c in variable
@@ -988,7 +270,7 @@ class MDSShard:
         # float16 views at byte phase 0 and 1: a row after a str column can start at an odd
         # byte, and torch cannot view an odd offset as float16
         self._halves = [_tensor(data[p:p + 2 * ((len(data) - p) // 2)].view(np.float16))
-                        for p in (0, 1)]
+                        for p in (0, 1)]                                # (bytes // 2,) each
         self._data = data
 
     def row_bytes(self, mds_column):
@@ -1010,7 +292,7 @@ class MDSShard:
                              f"{self.row_bytes(mds_column)} bytes, not float16 {shape}")
         for row, s in enumerate(self._starts[mds_column][local_ids].tolist()):
             half = self._halves[s % 2][s // 2:s // 2 + count]
-            out[row].copy_(half.view(shape))
+            out[row].copy_(half.view(shape))                            # (C, h, w) or (77, D)
 
     def caption(self, i):
         self._open()
@@ -1062,17 +344,17 @@ class LatentDataset:
                         "streaming.base.util.merge_index, or list each sub-folder as a source.")
             elif glob.glob(os.path.join(path, "shard-*.json")):
                 hint = (" It has shard manifests, so preparation is still running or was "
-                        "interrupted: rerun the same `python data.py prepare` to finish it.")
+                        "interrupted: rerun the same `python prepare.py` to finish it.")
             raise FileNotFoundError(
                 f"{path}: no index.json, so this is not a prepared dataset. Prepare one with "
-                f"`python data.py prepare --src IMAGES --out {path} ...` (or `python data.py "
+                f"`python prepare.py --src IMAGES --out {path} ...` (or `python data.py "
                 f"demo --out {path}`), or point at a MosaicML MDS folder.{hint}")
         try:
             with open(index_path) as f:
                 index = json.load(f)
         except ValueError as e:
             raise ValueError(f"{index_path}: not valid JSON ({e}); the file is damaged: "
-                             f"rerun the `python data.py prepare` that made it (it rewrites "
+                             f"rerun the `python prepare.py` that made it (it rewrites "
                              f"the index from the shards), or download it again") from None
         self.path = path
         self.info = {}  # the index's metadata (encoders, resolutions, ...); MDS has none
@@ -1109,7 +391,7 @@ class LatentDataset:
         have = sorted(c for c in self.columns if c != CAPTION_COLUMN)
         raise ValueError(f"{self.path}: no latents at resolution {resolution} (it has "
                          f"{', '.join(have) or 'no image columns'}); train at one of those "
-                         f"resolutions, or prepare this one with `python data.py prepare "
+                         f"resolutions, or prepare this one with `python prepare.py "
                          f"... --res {resolution}`")
 
     def gather(self, column, ids, out):
@@ -1135,15 +417,6 @@ def data_info(sources, num_prompts=8):
     return {**dataset.info, "sample_prompts": [dataset.caption(int(i)) for i in picks]}
 
 
-def ensure_demo_data(out, master=True, res=32, n=PrepareConfig.n, seed=0):
-    """The built-in shapes set in pixel space with tiny-random caption features, prepared in
-    `out` unless it is there already; returns out. Only the master prepares: other ranks
-    must wait (e.g. at a barrier) before reading it."""
-    if master and not os.path.exists(os.path.join(out, "index.json")):
-        prepare(PrepareConfig(src="demo", out=out, res=[res], vae="none", clip=TINY_RANDOM,
-                              format="demo", n=n, seed=seed), rank=0, world_size=1)
-    return out
-
 
 # ----------------------------------------------------------------------------------------
 # the training loader
@@ -1154,11 +427,6 @@ def absolute_sources(sources):
     return ",".join(os.path.abspath(path) + ("" if weight == 1 else f":{weight!r}")
                     for path, weight in parse_sources(sources))
 
-
-def recorded_path(name):
-    """A local file or folder as an absolute path, for the records a later command reads
-    from elsewhere; hub ids and names such as 'none' as they are."""
-    return os.path.abspath(name) if name and os.path.exists(name) else name
 
 
 def parse_sources(sources):
@@ -1423,138 +691,33 @@ class LatentLoader:
                        "consumed": [int(c) for c in state["consumed"]]}
 
 
+
 # ----------------------------------------------------------------------------------------
 # command line
 
-def bench_shards(out, res, n, caption_dim, shard_size=4096):
-    """Write n random samples (float16 latents [4, res/8, res/8], captions [77, caption_dim])
-    as a prepared source, for timing the loader."""
-    os.makedirs(out, exist_ok=True)
-    rng = np.random.default_rng(0)
-    starts = range(0, n, shard_size)
-    for i, start in enumerate(starts):
-        k = min(shard_size, n - start)
-        columns = {f"latents_{res}": rng.standard_normal((k, 4, res // 8, res // 8),
-                                                         np.float32).astype(np.float16),
-                   CAPTION_COLUMN: rng.standard_normal((k, 77, caption_dim),
-                                                       np.float32).astype(np.float16)}
-        keys = [f"fake-{start + j}" for j in range(k)]
-        write_shard(out, i, columns, keys, keys, "random", collections.Counter(seen=k))
-    finish_index(out, len(starts), {"resolutions": [res], "pixel_space": False, "vae": None,
-                                    "clip": None, "source_format": "fake"})
-
-
-def bench(data, res, batch_size, batches, fake_samples, caption_dim, prefetch, cache):
-    """Loader throughput, printed and returned as a dict; with fake_samples, first writes
-    that many random samples to data. cache 'warm': read the shards once first; 'cold':
-    evict them from the page cache (posix_fadvise) and time only the rest of the first
-    epoch, so every timed read comes from the disk; 'as-is': neither."""
-    if fake_samples and not os.path.exists(os.path.join(data, "index.json")):
-        if os.path.isdir(data) and os.listdir(data):  # a prepare in progress, or anything else
-            raise ValueError(f"--fake-samples: {data} is not empty and holds no finished data "
-                             f"set (no index.json); random samples go only into a new or "
-                             f"empty folder, so give another --data")
-        bench_shards(data, res, fake_samples, caption_dim)
-    for path in glob.glob(os.path.join(data, "*.npy")) if cache != "as-is" else []:
-        with open(path, "rb") as f:
-            if cache == "cold":
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            else:  # warm: read it once, so the timed reads find it in the page cache
-                while f.read(1 << 24):
-                    pass
-    loader = LatentLoader(data, res, batch_size, prefetch=prefetch)
-    print(f"{data}: {sum(loader.num_samples):,} samples, latents {loader.latent_shape}, "
-          f"captions {loader.caption_shape}, batch {batch_size}, prefetch {prefetch}, "
-          f"{torch.get_num_threads()} torch threads")
-
-    def rate(n):
-        """(samples/s, ms/batch) over the next n batches."""
-        t0 = time.perf_counter()
-        for _ in range(n):
-            next(loader)
-        dt = time.perf_counter() - t0
-        return n * batch_size / dt, dt / n * 1e3
-
-    warmup = prefetch + 3  # every batch buffer the pool will hold gets allocated once here
-    startup = rate(warmup)
-    print(f"first {warmup} batches (start-up: buffer allocation, first mappings): "
-          f"{startup[0]:,.0f} samples/s ({startup[1]:.1f} ms/batch)")
-    if cache == "cold":  # the rest of the first epoch: a second one would hit the page cache
-        batches = min(batches, sum(loader.num_samples) // batch_size - warmup)
-    timed = rate(batches)
-    print(f"next {batches} batches, page cache {cache}: {timed[0]:,.0f} samples/s "
-          f"({timed[1]:.1f} ms/batch)")
-    loader.close()
-    return {"batch": batch_size, "prefetch": prefetch, "cache": cache,
-            "startup_batches": warmup, "startup_samples_per_s": startup[0],
-            "batches": batches, "samples_per_s": timed[0], "ms_per_batch": timed[1]}
+PREPARE_COMMANDS = {  # handed whole, flags and --help included, to prepare.py
+    "prepare": "images + captions -> latent shards: `python prepare.py`, the same flags",
+    "demo": "render the built-in shapes set and prepare it (pixels, tiny-random captions)",
+}
 
 
 @record  # under torchrun: an unexpected exception goes to the error file with its traceback
 def main(argv=None):
-    defaults = PrepareConfig(src="", out="")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in PREPARE_COMMANDS:
+        import prepare  # here, not at the top: prepare.py imports this module
+        return prepare.main(argv[1:], demo=argv[0] == "demo")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def encoder_flags(p, vae, clip, res):
-        p.add_argument("--out", required=True, help="output folder for shards and index.json")
-        p.add_argument("--res", type=int, nargs="+", default=res,
-                       help="image resolutions to encode (a latents_<res> column each)")
-        p.add_argument("--vae", default=vae, help="VAE folder or file (see vae.py), or 'none' "
-                       "for pixel space")
-        p.add_argument("--clip", default=clip, help="OpenCLIP hub id, local weights, or "
-                       "'tiny-random' (offline tests and demos)")
-        p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-        p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available")
-        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                       help="encoder precision; default bfloat16 on GPU, float32 on CPU")
-        p.add_argument("--shard-size", type=int, default=defaults.shard_size)
-        p.add_argument("--seed", type=int, default=defaults.seed)
-        p.add_argument("--workers", type=int, default=defaults.workers,
-                       help="image decoding threads")
-
-    p = commands.add_parser("prepare", help="images + captions -> latent shards")
-    p.add_argument("--src", required=True, help="folder of images with .txt captions; .tar "
-                   "file, folder of .tar or glob; COCO captions .json; or 'demo'")
-    p.add_argument("--format", choices=SOURCE_FORMATS, default=None,
-                   help="detected from --src when omitted")
-    p.add_argument("--coco-images", default=None, help="COCO image folder (default: found "
-                   "next to the json)")
-    p.add_argument("--coco-captions", choices=["first", "all"], default="first")
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=defaults.n,
-                   help="size of the demo set (spell it --num-samples under torchrun)")
-    p.add_argument("--min-size", type=int, default=defaults.min_size,
-                   help="skip images whose short side is below this many pixels (counted as "
-                   "skipped.too_small) instead of upscaling them; the paper's 512px phases "
-                   "keep only the CC12M images of at least 512px")
-    encoder_flags(p, vae=None, clip=defaults.clip, res=defaults.res)
-
-    d = commands.add_parser("demo", help="render the built-in shapes set and prepare it")
-    d.add_argument("--n", "--num-samples", dest="n", type=int, default=defaults.n,
-                   help="how many images (spell it --num-samples under torchrun)")
-    encoder_flags(d, vae="none", clip=TINY_RANDOM, res=[32])
-
+    for name, help in PREPARE_COMMANDS.items():  # listed here, parsed by prepare.py
+        commands.add_parser(name, help=help)
     i = commands.add_parser("info", help="describe a prepared (or MDS) dataset")
     i.add_argument("path")
-
-    b = commands.add_parser("bench", help="time the loader")
-    b.add_argument("--data", required=True)
-    b.add_argument("--res", type=int, default=256)
-    b.add_argument("--batch-size", type=int, default=2048)
-    b.add_argument("--batches", type=int, default=20)
-    b.add_argument("--prefetch", type=int, default=2)
-    b.add_argument("--fake-samples", type=int, default=0,
-                   help="first write this many random samples to --data (if it has no index)")
-    b.add_argument("--caption-dim", type=int, default=1024)
-    b.add_argument("--cache", choices=["warm", "cold", "as-is"], default="warm",
-                   help="warm: read the data once first; cold: evict it from the page cache "
-                   "and time the rest of the first epoch only, so reads come from the disk")
-
     args = parser.parse_args(argv)
     try:
-        return run_command(parser, args)
-    except (FileNotFoundError, ValueError) as e:  # bad paths, settings or inputs: say so
+        info(args.path)
+    except (FileNotFoundError, ValueError) as e:  # bad paths or inputs: say so
         return command_error(e)
 
 
@@ -1567,28 +730,13 @@ def command_error(e):
     return 2
 
 
-def run_command(parser, args):
-    if args.command == "info":
-        dataset = LatentDataset(args.path)
-        print(f"{args.path}: {dataset.kind} format, {dataset.num_samples:,} samples in "
-              f"{len(dataset.shards)} shards")
-        for column, shape in dataset.columns.items():
-            print(f"  {column}: float16 {list(shape)}")
-        print(f"  first caption: {dataset.caption(0)!r}")
-        return
-    if args.command == "bench":
-        bench(args.data, args.res, args.batch_size, args.batches, args.fake_samples,
-              args.caption_dim, args.prefetch, args.cache)
-        return
-    if args.command == "prepare" and args.vae is None:
-        parser.error("prepare needs --vae (a VAE folder or file, e.g. the SDXL VAE's), or "
-                     "--vae none for pixel space")
-    kw = {k: v for k, v in vars(args).items() if k in PrepareConfig.__dataclass_fields__}
-    if args.command == "demo":
-        kw.update(src="demo", format="demo")
-    cfg = PrepareConfig(**kw)
-    print(json.dumps(asdict(cfg)))
-    prepare(cfg)
+def info(path):
+    dataset = LatentDataset(path)
+    print(f"{path}: {dataset.kind} format, {dataset.num_samples:,} samples in "
+          f"{len(dataset.shards)} shards")
+    for column, shape in dataset.columns.items():
+        print(f"  {column}: float16 {list(shape)}")
+    print(f"  first caption: {dataset.caption(0)!r}")
 
 
 if __name__ == "__main__":

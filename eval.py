@@ -39,7 +39,7 @@ k has its noise from seed (--seed, k) and rank r of W takes batches r, r + W, ..
 depends on its index, the seed and the batch size, never on the number of ranks. PNGs are
 named by index, so a rerun only draws what is missing. The references are the n chosen
 images, resized (short side, PIL bicubic, antialiased) and centre-cropped to the generation
-resolution: data.py's resize_center_crop, the transform the model was trained with (but
+resolution: prepare.py's resize_center_crop, the transform the model was trained with (but
 without its EXIF rotation: images are read as pytorch-fid reads them). FID and CLIP score
 are computed by rank 0 on the PNGs, each checked to carry the COCO id it was drawn for; a
 rerun into the same --out refuses another checkpoint, VAE, text encoder or captions file
@@ -76,10 +76,11 @@ import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from data import COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, ShapeAttributes
-from data import atomic_write, caption_of, command_error, process_env, read_coco_captions
-from data import render_shapes, resize_center_crop, sample_attributes, settings_changes
-from data import to_rgb, write_json
+from checkpoint import atomic_write, write_json
+from data import COLORS, POSITIONS, SHAPES, SIZES, ShapeAttributes, caption_of, command_error
+from data import render_shapes, sample_attributes
+from prepare import IMAGE_EXTENSIONS, process_env, read_coco_captions, resize_center_crop
+from prepare import settings_changes, to_rgb
 from inception import INCEPTION_URL, RANDOM, he_init, load_inception, sha256_of
 from sample import GUIDANCE_MEANING, check_device, check_guidance, load_pipeline
 from text import TINY_RANDOM

@@ -42,11 +42,12 @@ import torch
 from PIL import Image, ImageDraw
 
 import train
-from data import LatentDataset, atomic_write, ensure_demo_data, write_json
+from data import LatentDataset
 from diffusion import edm_loss_per_sample
 from eval import evaluate_shapes, file_identity
 from model import PRESETS, DiTConfig, train_flops_per_image
-from checkpoint import checkpoints, load_dit, phase_dir
+from checkpoint import atomic_write, checkpoints, load_dit, phase_dir, write_json
+from prepare import ensure_demo_data
 from sample import slug
 
 HELD_OUT_SIGMAS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0]

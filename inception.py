@@ -8,7 +8,7 @@ block max-pools, as the graph does. Images are read as 8-bit RGB, scaled to [0, 
 to 299x299 bilinearly (align_corners=False, no antialiasing) and mapped to [-1, 1]; the
 features are the 2,048-d pool3 outputs; mean and covariance (unbiased) in float64. Numbers
 are comparable to pytorch-fid's for 8-bit RGB images without transparency (others are
-converted as data.py does: alpha over white, 16-bit scaled, where pytorch-fid's
+converted as prepare.py does: alpha over white, 16-bit scaled, where pytorch-fid's
 convert('RGB') drops alpha and clips); torch-fidelity resizes with its own TF1-style bilinear and
 clean-fid with PIL bicubic, so theirs can differ in the decimals.
 

@@ -25,13 +25,16 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import data
 import model as model_lib
-from data import LatentLoader, PrepareConfig, prepare
+import prepare as prepare_lib
+from data import LatentLoader
 from diffusion import SIGMA_BUCKETS, denoise, edm_loss, guided, heun_sample, sigma_bucket, sigma_steps
 from mixer import keep_tokens, num_kept, random_ids_keep, removed_mask, restore_tokens
 from model import PRESETS, DiTConfig, MicroDiT, count_params, forward_flops
 from moe import ExpertChoiceMoE, TokenChoiceMoE, num_tokens_per_expert
+from prepare import PrepareConfig, prepare
 import vae as vae_lib
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig, load_vae
 
@@ -728,7 +731,7 @@ def test_caption_truncation_counts_the_start_and_end_tokens(tmp_path):
     """The tower reads 77 tokens, start and end tokens included: a caption of 75 BPE tokens
     is read whole, one of 76 loses its last word. The tokenizer's own output is the
     reference (does every BPE token reach the ids?); only the cut caption warns, and
-    data.py counts it once in summary.json."""
+    prepare.py counts it once in summary.json."""
     from text import load_text_encoder
     enc = load_text_encoder("tiny-random")
     fits, cut = " ".join(["cat"] * 75), " ".join(["cat"] * 76)
@@ -1006,7 +1009,7 @@ def run_prepare(src, out, rank=0, world_size=1, **kw):
 
 
 def unit(pixels):
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], written out independently of data.py"""
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], written out independently of prepare.py"""
     return np.asarray(pixels, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
@@ -1032,9 +1035,9 @@ def make_dataset(root, latents, caption_dim=8, shard_size=50, res=16, captions=N
         keys = [f"s{j}" for j in range(a, min(a + shard_size, n))]
         columns = {f"latents_{res}": latents[a:a + shard_size].astype(np.float16),
                    data.CAPTION_COLUMN: captions[a:a + shard_size].astype(np.float16)}
-        data.write_shard(str(root), i, columns, keys, keys, "test",
-                         collections.Counter(seen=len(keys)))
-    assert data.finish_index(str(root), len(starts), {"resolutions": [res]})
+        prepare_lib.write_shard(str(root), i, columns, keys, keys, "test",
+                                collections.Counter(seen=len(keys)))
+    assert prepare_lib.finish_index(str(root), len(starts), {"resolutions": [res]})
     return str(root)
 
 
@@ -1149,7 +1152,8 @@ def test_resize_center_crop_matches_direct_pil():
     for (w, h, res), size, box in cases:
         img = noise(w, h)
         expected = np.asarray(img.resize(size, Image.BICUBIC).crop(box))
-        np.testing.assert_array_equal(np.asarray(data.resize_center_crop(img, res)), expected)
+        np.testing.assert_array_equal(np.asarray(prepare_lib.resize_center_crop(img, res)),
+                                      expected)
 
 
 def test_resize_center_crop_of_a_strip_stays_small(monkeypatch):
@@ -1162,11 +1166,11 @@ def test_resize_center_crop_of_a_strip_stays_small(monkeypatch):
         return real_resize(self, size, *args, **kwargs)
     monkeypatch.setattr(Image.Image, "resize", recording)
     strip = Image.new("RGB", (1, 4000), (200, 30, 90))
-    out = data.resize_center_crop(strip, 512)
+    out = prepare_lib.resize_center_crop(strip, 512)
     assert out.size == (512, 512) and sizes == [(512, 512)]
     assert np.all(np.asarray(out) == (200, 30, 90))
     wide = Image.fromarray(np.tile(np.arange(4000, dtype=np.uint8)[None, :, None] % 251, (3, 1, 3)))
-    out = np.asarray(data.resize_center_crop(wide, 16)).astype(int)
+    out = np.asarray(prepare_lib.resize_center_crop(wide, 16)).astype(int)
     # the centre of the strip, not its start: 16 pixels around column 2,000 of the upscaled row
     exact = np.asarray(wide.resize((int(16 * 4000 / 3), 16), Image.BICUBIC)).astype(int)
     left = round((int(16 * 4000 / 3) - 16) / 2)
@@ -1180,41 +1184,44 @@ def test_prepare_that_skips_everything_explains_itself(tmp_path, capsys):
         Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(src / f"{i}.png")
     (src / "0.caption").write_text("a caption under a name prepare does not read")
     (src / "1.txt").mkdir()                                       # a folder, not a caption
-    rc = data.main(["prepare", "--src", str(src), "--out", str(tmp_path / "out"), "--res", "16",
-                    "--vae", "none", "--clip", "tiny-random"])
+    rc = prepare_lib.main(["--src", str(src), "--out", str(tmp_path / "out"), "--res", "16",
+                           "--vae", "none", "--clip", "tiny-random"])
     assert rc == 2 and "every one of the 3 records was skipped" in capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped"] == {"missing_caption": 3} and summary["samples_written"] == 0
-    rc = data.main(["prepare", "--src", str(tmp_path / "nothere"), "--out", str(tmp_path / "o2"),
-                    "--res", "16", "--vae", "none", "--clip", "tiny-random"])
+    rc = prepare_lib.main(["--src", str(tmp_path / "nothere"), "--out", str(tmp_path / "o2"),
+                           "--res", "16", "--vae", "none", "--clip", "tiny-random"])
     assert rc == 2 and "no such file or folder" in capsys.readouterr().err
     # encoder weights not downloaded yet: the message says how to get them
-    rc = data.main(["prepare", "--src", str(src), "--out", str(tmp_path / "o3"), "--res", "16",
-                    "--vae", str(tmp_path / "weights" / "sdxl" / "vae"), "--clip", "tiny-random"])
+    rc = prepare_lib.main(["--src", str(src), "--out", str(tmp_path / "o3"), "--res", "16",
+                           "--vae", str(tmp_path / "weights" / "sdxl" / "vae"),
+                           "--clip", "tiny-random"])
     err = capsys.readouterr().err
     assert rc == 2 and "no such file or folder" in err and vae_lib.DOWNLOAD in err
 
 
 def test_decode_caption():
     counts = collections.Counter()
-    assert data.decode_caption(b"  a cat\n", counts) == "a cat"
-    assert data.decode_caption("\ufeffa dog".encode("utf-8"), counts) == "a dog"  # BOM dropped
-    assert data.decode_caption(b"caf\xe9 au lait", counts) == "café au lait"
-    assert data.decode_caption(b" \n ", counts) is None
-    assert data.decode_caption(None, counts) is None
-    assert data.decode_caption(lambda: b"lazy", counts) == "lazy"
+    assert prepare_lib.decode_caption(b"  a cat\n", counts) == "a cat"
+    # the byte-order mark is dropped
+    assert prepare_lib.decode_caption("\ufeffa dog".encode("utf-8"), counts) == "a dog"
+    assert prepare_lib.decode_caption(b"caf\xe9 au lait", counts) == "café au lait"
+    assert prepare_lib.decode_caption(b" \n ", counts) is None
+    assert prepare_lib.decode_caption(None, counts) is None
+    assert prepare_lib.decode_caption(lambda: b"lazy", counts) == "lazy"
     assert counts == {"non_utf8_caption": 1, "empty_caption": 1, "missing_caption": 1}
     counts.clear()
     # Notepad's "Unicode" is UTF-16 with a byte-order mark, either byte order
-    assert data.decode_caption("a cat".encode("utf-16"), counts) == "a cat"
-    assert data.decode_caption(b"\xfe\xff" + "a café".encode("utf-16-be"), counts) == "a café"
-    assert data.decode_caption(b"a\x00 dog\x1b", counts) == "a dog"
-    assert data.decode_caption(b"\x00\x00", counts) is None  # nothing but control characters
-    assert data.decode_caption("tab\tand\nnewline".encode(), counts) == "tab\tand\nnewline"
+    assert prepare_lib.decode_caption("a cat".encode("utf-16"), counts) == "a cat"
+    big_endian = b"\xfe\xff" + "a café".encode("utf-16-be")
+    assert prepare_lib.decode_caption(big_endian, counts) == "a café"
+    assert prepare_lib.decode_caption(b"a\x00 dog\x1b", counts) == "a dog"
+    assert prepare_lib.decode_caption(b"\x00\x00", counts) is None  # nothing but control characters
+    assert prepare_lib.decode_caption("tab\tand\nnewline".encode(), counts) == "tab\tand\nnewline"
 
     def unreadable():
         raise PermissionError(13, "Permission denied")
-    assert data.decode_caption(unreadable, counts) is None
+    assert prepare_lib.decode_caption(unreadable, counts) is None
     assert counts == {"utf16_caption": 2, "control_characters": 2, "empty_caption": 1,
                       "unreadable_caption": 1}
 
@@ -1268,7 +1275,7 @@ def test_upscaled_counts_each_image_once_against_the_largest_resolution(tmp_path
 
 
 def test_to_rgb_scales_float_and_16bit_images(tmp_path):
-    from data import to_rgb
+    from prepare import to_rgb
     # float TIFFs: PIL's own conversion made [0, 1] floats black
     ramp = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
     for white, stored in ((1, ramp), (255, ramp * 255), (65535, ramp * 65535)):
@@ -1285,6 +1292,24 @@ def test_to_rgb_scales_float_and_16bit_images(tmp_path):
     rgb = np.asarray(to_rgb(Image.open(tmp_path / "t.png"), counts))[..., 0]
     np.testing.assert_array_equal(rgb, np.array([[0, 255, 255, 100]]).repeat(2, 0))
     assert counts == {"high_bit_depth": 1, "grayscale": 1, "alpha_composited": 1}
+
+
+def test_a_caption_without_its_image_is_counted_and_named(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    (src / "sub").mkdir(parents=True)
+    for stem in ("a", "b", os.path.join("sub", "c")):
+        Image.new("RGB", (16, 16), (200, 0, 0)).save(src / f"{stem}.png")
+        (src / f"{stem}.txt").write_text(f"picture {stem}")
+    (src / "sub" / "x.txt").write_text("the image of this caption was never copied")
+    (src / "sub" / "y.png.txt").write_text("a caption named after the image's whole name")
+    Image.new("RGB", (16, 16)).save(src / "sub" / "y.png")
+    summary = run_prepare(src, tmp_path / "out", shard_size=2)
+    assert summary["samples_written"] == 3 and summary["records_seen"] == 6
+    assert summary["skipped"] == {"missing_caption": 1, "missing_image": 2}
+    assert summary["skipped_first"] == {
+        "missing_caption": [os.path.join("sub", "y.png")],
+        "missing_image": [os.path.join("sub", "x.txt"), os.path.join("sub", "y.png.txt")]}
+    assert os.path.join("sub", "x.txt") in capsys.readouterr().out  # the printed summary
 
 
 def test_folder_with_nasty_inputs(tmp_path):
@@ -1369,7 +1394,7 @@ def test_odd_paths_rotated_photos_and_unreadable_captions(tmp_path):
     sideways = np.zeros((16, 32, 3), np.uint8)
     sideways[:, :16, 0], sideways[:, 16:, 2] = 255, 255
     exif = Image.Exif()
-    exif[data.EXIF_ORIENTATION] = 6
+    exif[prepare_lib.EXIF_ORIENTATION] = 6
     Image.fromarray(sideways).save(src / "a_phone.png", exif=exif)
     (src / "a_phone.txt").write_bytes("a red and blue flag".encode("utf-16"))
     plain = np.full((16, 16, 3), 90, np.uint8)
@@ -1400,13 +1425,13 @@ def test_sources_that_cannot_be_read_are_explained(tmp_path):
     bad = tmp_path / "images.tar.gz"
     bad.write_bytes(b"\x1f\x8b")
     with pytest.raises(ValueError, match="a file prepare does not read"):
-        data.detect_format(str(bad))
+        prepare_lib.detect_format(str(bad))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     Image.new("RGB", (8, 8)).save(mixed / "a.png")
     (mixed / "stray.tar").write_bytes(b"")
     with pytest.raises(ValueError, match="both .tar files.*and images"):
-        data.detect_format(str(mixed))
+        prepare_lib.detect_format(str(mixed))
     not_coco = tmp_path / "notcoco.json"
     not_coco.write_text('{"categories": []}')
     with pytest.raises(ValueError, match="notcoco.json: not a COCO captions file"):
@@ -1545,15 +1570,17 @@ def test_vae_latents_equal_encode_to_scaled_and_caption_features_equal_the_encod
     vae = load_vae(VAE_TINY)
     for i in range(3):
         img = Image.open(src / f"{i}.png").convert("RGB")
-        x = torch.from_numpy(unit(data.resize_center_crop(img, 16)))[None]
-        expected = vae.encode_to_scaled(x, generator=data.posterior_generator(5, f"{i}.png", 16))
+        x = torch.from_numpy(unit(prepare_lib.resize_center_crop(img, 16)))[None]
+        generator = prepare_lib.posterior_generator(5, f"{i}.png", 16)
+        expected = vae.encode_to_scaled(x, generator=generator)
         np.testing.assert_allclose(latents[i].astype(np.float32), expected[0].numpy(),
                                    rtol=2e-3, atol=2e-3)
     # the noise really is a sample: another seed gives other latents
-    other = vae.encode_to_scaled(x, generator=data.posterior_generator(6, "2.png", 16))
+    other = vae.encode_to_scaled(x, generator=prepare_lib.posterior_generator(6, "2.png", 16))
     assert not np.allclose(latents[2].astype(np.float32), other[0].numpy(), atol=1e-2)
     # and each image (and resolution) has noise of its own, not one draw for all
-    draw = lambda *key: torch.randn(8, generator=data.posterior_generator(*key))  # noqa: E731
+    def draw(*key):
+        return torch.randn(8, generator=prepare_lib.posterior_generator(*key))
     assert not torch.equal(draw(5, "0.png", 16), draw(5, "1.png", 16))
     assert not torch.equal(draw(5, "0.png", 16), draw(5, "0.png", 32))
     features = load_text_encoder("tiny-random").encode([f"image number {i}" for i in range(3)])
@@ -1578,7 +1605,7 @@ def test_prepare_resumes_after_a_crash_and_never_trusts_a_half_written_shard(tmp
     settings = dict(res=[16], vae=VAE_TINY, n=12, shard_size=4, seed=2)
     run_prepare("demo", tmp_path / "whole", **settings)
 
-    real_write_shard = data.write_shard
+    real_write_shard = prepare_lib.write_shard
     calls = []
 
     def crash_on_second_shard(out, shard_id, columns, *args):
@@ -1590,7 +1617,7 @@ def test_prepare_resumes_after_a_crash_and_never_trusts_a_half_written_shard(tmp
             raise KeyboardInterrupt("killed")
         return real_write_shard(out, shard_id, columns, *args)
 
-    monkeypatch.setattr(data, "write_shard", crash_on_second_shard)
+    monkeypatch.setattr(prepare_lib, "write_shard", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         run_prepare("demo", tmp_path / "resumed", **settings)
     assert calls == [0, 1]
@@ -1599,7 +1626,7 @@ def test_prepare_resumes_after_a_crash_and_never_trusts_a_half_written_shard(tmp
         data.LatentDataset(str(tmp_path / "resumed"))
 
     calls.clear()
-    monkeypatch.setattr(data, "write_shard", lambda *a: (calls.append(a[1]),
+    monkeypatch.setattr(prepare_lib, "write_shard", lambda *a: (calls.append(a[1]),
                                                          real_write_shard(*a)))
     run_prepare("demo", tmp_path / "resumed", **settings)
     assert calls == [1, 2]  # shard 0 was kept, the half-written shard 1 was redone
@@ -1607,6 +1634,41 @@ def test_prepare_resumes_after_a_crash_and_never_trusts_a_half_written_shard(tmp
 
     with pytest.raises(ValueError, match="other settings"):
         run_prepare("demo", tmp_path / "resumed", **{**settings, "res": [8]})
+
+
+@pytest.mark.parametrize("fails, error", [
+    # a full disk as the OS reports it, on the manifest: every column of the shard is whole
+    ("shard-00002.json", OSError(errno.ENOSPC, "No space left on device")),
+    # numpy's own words for a short write, on the second column: the first one is whole
+    ("shard-00002.caption_feats.npy", OSError("137984 requested and 22464 written"))])
+def test_prepare_on_a_full_disk_says_so_and_the_same_command_resumes(tmp_path, monkeypatch,
+                                                                     capsys, fails, error):
+    def command(out):
+        return ["--src", "demo", "--out", str(out), "--n", "10", "--shard-size", "4",
+                "--res", "16", "--vae", "none", "--clip", "tiny-random", "--workers", "2"]
+
+    assert not prepare_lib.main(command(tmp_path / "whole"))
+    real_atomic_write = checkpoint.atomic_write
+
+    def disk_fills_up(path, write):
+        def part_then_fail(f):  # some bytes land before the disk is full
+            f.write(b"\x93NUMPY half")
+            raise error
+        return real_atomic_write(path, part_then_fail if path.endswith(fails) else write)
+
+    for module in (checkpoint, prepare_lib):  # write_json writes the manifests
+        monkeypatch.setattr(module, "atomic_write", disk_fills_up)
+    out = tmp_path / "full"
+    assert prepare_lib.main(command(out)) == 2  # a message, not a traceback
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and f"shard-00002 in {out}" in err
+    assert "2 of its 3 shards complete (8 images" in err and "rerun the same command" in err
+    assert not glob.glob(str(out / "*.tmp-*"))  # no half file left behind
+    assert prepare_lib.read_manifest(str(out), 2) is None
+    monkeypatch.undo()
+    assert not prepare_lib.main(command(out))
+    assert "2 already done" in capsys.readouterr().out  # resumed, not started over
+    assert _all_outputs(tmp_path / "whole") == _all_outputs(out)
 
 
 def test_prepare_split_over_ranks_equals_one_process(tmp_path):
@@ -1624,8 +1686,8 @@ def test_prepare_rank_writes_exactly_its_own_shards(tmp_path, monkeypatch):
     """Shard i belongs to rank i % world_size: rank 1 of 2 writes shards 1 and 3 of 4 and
     nothing of rank 0's (two ranks writing one shard would race for its files)."""
     written = []
-    real_write_shard = data.write_shard
-    monkeypatch.setattr(data, "write_shard", lambda out, i, *a: (written.append(i),
+    real_write_shard = prepare_lib.write_shard
+    monkeypatch.setattr(prepare_lib, "write_shard", lambda out, i, *a: (written.append(i),
                                                                  real_write_shard(out, i, *a)))
     assert run_prepare("demo", tmp_path / "two", rank=1, world_size=2, n=10,
                        shard_size=3) is None
@@ -1870,7 +1932,7 @@ def test_damaged_shards_are_found_when_the_data_opens(tmp_path, capsys):
 
 def test_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no index.json.*data.py prepare"):
+    with pytest.raises(FileNotFoundError, match="no index.json.*prepare.py --src"):
         LatentLoader(str(tmp_path / "empty"), 16, 4)
     four = id_dataset(tmp_path / "four", 10, channels=4)
     sixteen = id_dataset(tmp_path / "sixteen", 10, channels=16)
@@ -1890,9 +1952,9 @@ def test_clear_errors(tmp_path):
 
 
 def test_data_info_and_ensure_demo_data(tmp_path):
-    out = data.ensure_demo_data(str(tmp_path / "demo"), master=True, res=8, n=5)
+    out = prepare_lib.ensure_demo_data(str(tmp_path / "demo"), master=True, res=8, n=5)
     first = os.path.getmtime(os.path.join(out, "index.json"))
-    assert data.ensure_demo_data(out, master=True, res=8, n=5) == out  # there already: kept
+    assert prepare_lib.ensure_demo_data(out, master=True, res=8, n=5) == out  # kept: it is there
     assert os.path.getmtime(os.path.join(out, "index.json")) == first
     info = data.data_info(f"{out}:2")
     assert info["vae"] == "none" and info["clip"] == "tiny-random" and info["pixel_space"]
@@ -1916,27 +1978,9 @@ def test_cli_demo_info_and_errors_from_the_prefetch_thread(tmp_path, capsys):
             next(loader)
 
 
-def test_data_bench_prints_and_returns_its_figures(tmp_path, capsys):
-    figures = data.bench(str(tmp_path / "fake"), 16, 8, batches=2, fake_samples=40,
-                         caption_dim=8, prefetch=0, cache="warm")
-    assert (figures["batch"], figures["batches"], figures["startup_batches"]) == (8, 2, 3)
-    assert figures["samples_per_s"] > 0 and figures["ms_per_batch"] > 0
-    assert "next 2 batches, page cache warm" in capsys.readouterr().out
-    # a folder that holds anything but a finished data set (a prepare still running, whose
-    # index.json comes last) is never filled with random samples
-    busy = tmp_path / "busy"
-    busy.mkdir()
-    (busy / "prepare.json").write_text("{}")
-    with pytest.raises(ValueError, match="not empty and holds no finished data set"):
-        data.bench(str(busy), 16, 8, batches=2, fake_samples=40, caption_dim=8, prefetch=0,
-                   cache="warm")
-    assert os.listdir(busy) == ["prepare.json"]
-
-
 # ----------------------------------------------------------------------------- train.py
 
-import checkpoint  # noqa: E402  (after the data tests, which do not need them)
-import parallel  # noqa: E402
+import parallel  # noqa: E402  (after the data tests, which do not need it)
 import train  # noqa: E402
 
 
@@ -2569,8 +2613,8 @@ def test_torchrun_error_file_names_the_cause(train_data, tmp_path, monkeypatch):
         train.cli(train_args(train_data, tmp_path / "empty", "--resume"))
     assert "has no checkpoint" in json.loads(error_file.read_text())["message"]["message"]
     error_file.unlink()
-    # data.py and eval.py, the other commands run under torchrun, say theirs the same way
-    assert data.main(["prepare", "--src", str(tmp_path / "missing"), "--out",
+    # prepare.py and eval.py, the other commands run under torchrun, say theirs the same way
+    assert prepare_lib.main(["--src", str(tmp_path / "missing"), "--out",
                       str(tmp_path / "out"), "--vae", "none"]) == 2
     assert "missing" in json.loads(error_file.read_text())["message"]["message"]
     error_file.unlink()
@@ -2887,7 +2931,7 @@ def test_missing_data_is_a_message_not_a_stack_trace(tmp_path):
     with pytest.raises(SystemExit, match=r"error: .*nowhere: no such data folder"):
         train.cli(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--no-compile"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match=r"error: .*empty: no index.json.*data.py prepare"):
+    with pytest.raises(SystemExit, match=r"error: .*empty: no index.json.*prepare.py --src"):
         train.cli(["--data", str(tmp_path / "empty"), "--out", str(tmp_path), "--no-compile"])
 
 
@@ -3739,7 +3783,7 @@ def test_coco_protocol_end_to_end(small_inception, pixel_checkpoint, tmp_path, m
 
     real = [tmp_path / c["file_name"] for c in chosen]
     fake = [tmp_path / "one" / "images" / f"{i:05d}.png" for i in range(4)]
-    to_16 = lambda img: data.resize_center_crop(img, 16)  # noqa: E731
+    to_16 = lambda img: prepare_lib.resize_center_crop(img, 16)  # noqa: E731
     expected = reference_fid(slow_features(small_inception, real, to_16),
                              slow_features(small_inception, fake))
     assert result["fid"] == pytest.approx(expected, rel=1e-4)
@@ -3903,6 +3947,32 @@ def test_eval_shapes_holds_the_training_captions_out(pixel_checkpoint, tmp_path)
 
 
 # ----------------------------------------------------------------------------- bench.py
+
+def test_bench_loader_prints_and_returns_its_figures(tmp_path, capsys):
+    import bench
+    figures = bench.bench_loader(str(tmp_path / "fake"), 16, 8, batches=2, fake_samples=40,
+                                 caption_dim=8, prefetch=0, cache="warm")
+    assert (figures["batch"], figures["batches"], figures["startup_batches"]) == (8, 2, 3)
+    assert figures["samples_per_s"] > 0 and figures["ms_per_batch"] > 0
+    assert "next 2 batches, page cache warm" in capsys.readouterr().out
+    # a folder that holds anything but a finished data set (a prepare still running, whose
+    # index.json comes last) is never filled with random samples
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "prepare.json").write_text("{}")
+    with pytest.raises(ValueError, match="not empty and holds no finished data set"):
+        bench.bench_loader(str(busy), 16, 8, batches=2, fake_samples=40, caption_dim=8,
+                           prefetch=0, cache="warm")
+    assert os.listdir(busy) == ["prepare.json"]
+    # the same through bench.py's flags, into a folder kept for a later run
+    kept = tmp_path / "kept"
+    results = bench.main(["--quick", "--skip", "train", "sample", "--res", "16", "--data",
+                          str(kept), "--fake-samples", "40", "--data-batch", "8",
+                          "--caption-dim", "8", "--data-batches", "2"])
+    assert (results["data"]["batch"], results["data"]["batches"]) == (8, 2)
+    index = json.loads((kept / "index.json").read_text())
+    assert index["num_samples"] == 40 and index["columns"]["caption_feats"]["shape"] == [77, 8]
+
 
 def test_bench_quick_mode_runs_and_reports_consistent_figures(tmp_path):
     import bench

@@ -36,11 +36,13 @@ from tqdm import tqdm
 from checkpoint import (PREEMPTED, Checkpointer, CheckpointWriteError, Log, StopSignals,
                         environment, export_weights, latest_note, model_config, phase_dir,
                         record_run, restore, shard_as, starting_point, take_run_lock)
-from data import LatentLoader, absolute_sources, data_info, ensure_demo_data
+from data import LatentLoader, absolute_sources, data_info
 from diffusion import SIGMA_BUCKETS, edm_loss_per_sample, sigma_bucket
-from model import PRECISIONS, PRESETS, DiTConfig, MicroDiT, count_params, precision, train_flops_per_image
+from model import (PRECISIONS, PRESETS, DiTConfig, MicroDiT, count_params, precision,
+                   train_flops_per_image)
 from parallel import (COMPILE_MODES, OUT_OF_MEMORY_ADVICE, accumulating, clip_in_optimizer,
                       inductor_options, peak_flops, setup_distributed, shard, wrap)
+from prepare import ensure_demo_data
 from sample import grid_encoders, save_sample_grid
 
 # The paper's recipe: steps, warmup and EMA start count from the start of the phase;

@@ -231,7 +231,7 @@ class DiagonalGaussian:
         """z = mean + std * noise, in float32 whatever the encoder's dtype (noise drawn in
         bfloat16 keeps 8 significant bits). generator: None, one torch.Generator for the
         batch, or a list of one per row, so that a row's noise depends on its own generator
-        alone and not on the batch it came in (data.py seeds one per sample)."""
+        alone and not on the batch it came in (prepare.py seeds one per sample)."""
         def noise(shape, g):  # on g's device: a seeded CPU generator gives the same z anywhere
             return torch.randn(shape, generator=g, device=self.mean.device if g is None
                                else g.device)

@@ -33,7 +33,7 @@ if [ "$1" = E ]; then
 fi
 if [ "$1" = F ]; then
   echo "== checkpoint snapshot $SECONDS"; timeout 120 python3 bench.py --preset $PRESET --checkpoint --rounds 3 --skip train sample data --json $OUT/ckpt.json 2>&1 | tail -2
-  [ -d /tmp/fake ] || python3 data.py bench --data /tmp/fake --fake-samples 4096 --batches 1 > $OUT/data.txt 2>&1
+  [ -d /tmp/fake ] || python3 bench.py --skip train sample --data /tmp/fake --fake-samples 4096 --data-batches 1 > $OUT/data.txt 2>&1
   echo "== train loop eager, checkpoints $SECONDS"; rm -rf /tmp/run
   timeout -s INT 180 python3 train.py $XL --micro-batch ${MB:-64} --no-compile $TRAIN_EXTRA --data /tmp/fake --steps 120 --log-every 10 --sample-every 0 --ckpt-every 40 --keep 1 --out /tmp/run > $OUT/train.txt 2>&1; echo rc $? at $SECONDS
   tr '\r' '\n' < $OUT/train.txt | grep -E "^step .*checkpoint|^done|Error|error" | head; cp /tmp/run/phase1/log.jsonl $OUT/ 2>/dev/null
