@@ -13,15 +13,19 @@ FOR TESTS AND OFFLINE DEMOS ONLY: its features carry the words of the caption bu
 meaning learned from images. Its weights are fixed by a seed, so data prepared with it and
 a model sampled with it agree.
 """
+import math
 import os
 import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 DEFAULT_CLIP = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
 CLIP_ARCH = "ViT-H-14-378-quickgelu"
 TINY_RANDOM = "tiny-random"
+RANDOM_WORDS = "random-words"
+RANDOM_WORDS_SEED = 2407  # any constant: the features must be the same everywhere
 # the paper's text tower, for a machine that works offline afterwards, and where it lands
 DOWNLOAD = ("hf download apple/DFN5B-CLIP-ViT-H-14-378 open_clip_model.safetensors "
             "--local-dir weights/clip")
@@ -37,13 +41,15 @@ def download_hint(repo):
             f"and pass --clip weights/clip/{WEIGHT_FILES[0]}")
 
 
-class TextEncoder(nn.Module):
-    def __init__(self, tower, tokenizer, name):
+class CaptionEncoder(nn.Module):
+    """Captions -> CLIP's 77 BPE token ids -> float32 token features [N, 77, width]; a
+    subclass says how ids become features (`features`)."""
+
+    def __init__(self, tokenizer, name, width):
         super().__init__()
-        self.tower = tower  # an open_clip CLIP or TextTransformer: the text parts are used
         self.tokenizer = tokenizer
         self.name = name
-        self.width = tower.ln_final.weight.shape[0]
+        self.width = width
 
     def truncated(self, prompts):
         """(token count, prompt) for each prompt longer than the 77 tokens the tower reads
@@ -61,15 +67,61 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts):
         """Prompts -> float32 token features [N, 77, width]."""
-        device = self.tower.ln_final.weight.device
-        ids = self.tokenize(prompts).to(device)
+        return self.features(self.tokenize(prompts)).float()
+
+
+class TextEncoder(CaptionEncoder):
+    def __init__(self, tower, tokenizer, name):
+        super().__init__(tokenizer, name, tower.ln_final.weight.shape[0])
+        self.tower = tower  # an open_clip CLIP or TextTransformer: the text parts are used
+
+    def features(self, ids):
         t = self.tower
+        ids = ids.to(t.ln_final.weight.device)
         x = t.token_embedding(ids) + t.positional_embedding                # (N, 77, width)
         if getattr(t.transformer, "batch_first", True):
             x = t.transformer(x, attn_mask=t.attn_mask)
         else:  # open_clip before 2.23 ran its transformer sequence-first
             x = t.transformer(x.transpose(0, 1), attn_mask=t.attn_mask).transpose(0, 1)
-        return t.ln_final(x).float()                                         # (N, 77, width)
+        return t.ln_final(x)                                                 # (N, 77, width)
+
+
+class RandomWords(CaptionEncoder):
+    """Caption features from fixed random tables, no meaning learned from images, that keep
+    captions differing in one word far apart. Each position holds, like the output of
+    CLIP's causal tower after ln_final:
+    - its token's random vector plus its position's: captions that share words share
+      these, so a model can compose an unseen caption from words it has seen;
+    - a summary of the caption up to there: the tokens so far, each bound to its position
+      (so word order counts), summed, and sent through random Fourier features (Rahimi and
+      Recht, 2007). Their kernel, exp(-sharpness^2 |a - b|^2 / 2) of the unit-length sums,
+      moves the summary far for one changed word, so every later position differs too.
+    The positions after the end token hold the summary of the whole caption alone. Every
+    table is drawn from a generator seeded with a constant, from uniform numbers (exact on
+    any machine, unlike the normal ones)."""
+
+    def __init__(self, tokenizer, width=TINY_WIDTH, sharpness=5.0):
+        super().__init__(tokenizer, RANDOM_WORDS, width)
+        g = torch.Generator().manual_seed(RANDOM_WORDS_SEED)
+
+        def uniform(*shape):  # zero mean, unit variance
+            return (torch.rand(shape, generator=g) * 2 - 1) * 3 ** 0.5
+
+        self.register_buffer("token_vectors", uniform(tokenizer.vocab_size, width))
+        self.register_buffer("position_vectors", uniform(CONTEXT_LENGTH, width))
+        self.register_buffer("position_keys", uniform(CONTEXT_LENGTH, width))
+        self.register_buffer("frequencies", uniform(width, width) * sharpness)
+        self.register_buffer("phases", torch.rand(width, generator=g) * 2 * math.pi)
+
+    def features(self, ids):
+        ids = ids.to(self.token_vectors.device)
+        end = ids.argmax(-1, keepdim=True)  # the end token has the largest id, as CLIP pools
+        is_word = (torch.arange(CONTEXT_LENGTH, device=ids.device) <= end)[..., None]  # (N, 77, 1)
+        tokens = self.token_vectors[ids] * is_word                           # (N, 77, D)
+        so_far = F.normalize((tokens * self.position_keys).cumsum(1), dim=-1)  # (N, 77, D)
+        summary = 2 ** 0.5 * torch.cos(so_far @ self.frequencies + self.phases)  # unit variance
+        x = tokens + self.position_vectors * is_word + summary               # (N, 77, D)
+        return F.layer_norm(x, x.shape[-1:])
 
 
 def tiny_random_tower():
@@ -159,6 +211,8 @@ def load_text_encoder(name=DEFAULT_CLIP, device="cpu", dtype=torch.float32, arch
     `arch` is the open_clip architecture the weights belong to."""
     import open_clip
     tokenizer = open_clip.get_tokenizer(CLIP_ARCH)  # the same BPE for every OpenAI-style tower
+    if name == RANDOM_WORDS:  # float32 whatever `dtype`: cheap, and the same on every device
+        return RandomWords(tokenizer).to(device).eval()
     if name == TINY_RANDOM:
         tower = tiny_random_tower()
     else:
