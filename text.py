@@ -8,10 +8,13 @@ trained with, and plain GELU gives silently different features.
     enc = load_text_encoder("hf-hub:apple/DFN5B-CLIP-ViT-H-14-378")   # or a local file / folder
     feats = enc.encode(["a cat", "a dog"])                              # (2, 77, 1024)
 
-`tiny-random` is a small randomly initialised tower (same tokenizer, 77 tokens, width 256)
-FOR TESTS AND OFFLINE DEMOS ONLY: its features carry the words of the caption but no
-meaning learned from images. Its weights are fixed by a seed, so data prepared with it and
-a model sampled with it agree.
+Offline (nothing to download), `random-words` gives 256-wide features from fixed random
+tables: no meaning learned from images, but each word keeps its own vector and captions
+that differ in one word are far apart (see RandomWords), so a model learns prompts from
+them. FOR DEMOS AND TESTS ONLY. `tiny-random`, a small randomly initialised open_clip
+tower (same tokenizer, width 256), is kept only for the tests that need open_clip's code
+path: it maps captions that differ in one word to nearly the same features. Both are fixed
+by a seed, so data prepared with them and a model sampled with them agree.
 """
 import math
 import os
@@ -94,11 +97,12 @@ class RandomWords(CaptionEncoder):
       these, so a model can compose an unseen caption from words it has seen;
     - a summary of the caption up to there: the tokens so far, each bound to its position
       (so word order counts), summed, and sent through random Fourier features (Rahimi and
-      Recht, 2007). Their kernel, exp(-sharpness^2 |a - b|^2 / 2) of the unit-length sums,
-      moves the summary far for one changed word, so every later position differs too.
+      Recht, 2007), whose cosines follow the kernel exp(-sharpness^2 |a - b|^2 / 2) of the
+      unit-length sums. One changed token of t moves such a sum by |a - b|^2 ~ 2/t, leaving
+      its summary a cosine of ~exp(-sharpness^2 / t): 0.2 for a 15-token shapes caption.
     The positions after the end token hold the summary of the whole caption alone. Every
-    table is drawn from a generator seeded with a constant, from uniform numbers (exact on
-    any machine, unlike the normal ones)."""
+    table comes from uniform draws (exact on any machine, unlike normal ones, which go
+    through log and cos) of a generator seeded with a constant."""
 
     def __init__(self, tokenizer, width=TINY_WIDTH, sharpness=5.0):
         super().__init__(tokenizer, RANDOM_WORDS, width)
@@ -116,11 +120,12 @@ class RandomWords(CaptionEncoder):
     def features(self, ids):
         ids = ids.to(self.token_vectors.device)
         end = ids.argmax(-1, keepdim=True)  # the end token has the largest id, as CLIP pools
-        is_word = (torch.arange(CONTEXT_LENGTH, device=ids.device) <= end)[..., None]  # (N, 77, 1)
-        tokens = self.token_vectors[ids] * is_word                           # (N, 77, D)
-        so_far = F.normalize((tokens * self.position_keys).cumsum(1), dim=-1)  # (N, 77, D)
-        summary = 2 ** 0.5 * torch.cos(so_far @ self.frequencies + self.phases)  # unit variance
-        x = tokens + self.position_vectors * is_word + summary               # (N, 77, D)
+        is_word = (torch.arange(CONTEXT_LENGTH, device=ids.device) <= end)[..., None]
+        tokens = self.token_vectors[ids] * is_word                            # (N, 77, D)
+        so_far = F.normalize((tokens * self.position_keys).cumsum(1), dim=-1) # (N, 77, D)
+        # sqrt(2) cos(.) has unit variance, like the token and position vectors
+        summary = 2 ** 0.5 * torch.cos(so_far @ self.frequencies + self.phases)
+        x = tokens + self.position_vectors * is_word + summary                # (N, 77, D)
         return F.layer_norm(x, x.shape[-1:])
 
 
@@ -146,7 +151,7 @@ def resolve_clip_weights(name):
     repo = name.removeprefix("hf-hub:")
     if repo.count("/") != 1:
         raise FileNotFoundError(f"--clip {name!r}: not a file, a folder or a hub id "
-                                f"(org/repo); or use '{TINY_RANDOM}' for offline tests")
+                                f"(org/repo); or use '{RANDOM_WORDS}' offline")
     local = "" if name.startswith("hf-hub:") else f"{name} is no file or folder here, and as "
     from huggingface_hub import hf_hub_download
     errors = []
@@ -207,7 +212,8 @@ def load_text_tower(arch, path):
 
 
 def load_text_encoder(name=DEFAULT_CLIP, device="cpu", dtype=torch.float32, arch=CLIP_ARCH):
-    """A frozen TextEncoder from a hub id, a local file or folder, or 'tiny-random'.
+    """A frozen caption encoder from a hub id, a local file or folder, 'random-words' or
+    'tiny-random' (see above).
     `arch` is the open_clip architecture the weights belong to."""
     import open_clip
     tokenizer = open_clip.get_tokenizer(CLIP_ARCH)  # the same BPE for every OpenAI-style tower
