@@ -74,6 +74,8 @@ class CaptionEncoder(nn.Module):
 
 
 class TextEncoder(CaptionEncoder):
+    """An OpenCLIP text tower's token features after its final LayerNorm."""
+
     def __init__(self, tower, tokenizer, name):
         super().__init__(tokenizer, name, tower.ln_final.weight.shape[0])
         self.tower = tower  # an open_clip CLIP or TextTransformer: the text parts are used
