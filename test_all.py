@@ -755,6 +755,127 @@ def test_caption_truncation_counts_the_start_and_end_tokens(tmp_path):
     assert summary["samples_written"] == 2 and summary["converted"] == {"caption_truncated": 1}
 
 
+
+SHAPES_CAPTION = "a small red circle in the top left on a blue background"
+
+
+def one_word_different_captions(n):
+    """Pairs of shapes captions (data.py's) that differ in exactly one word: each of the
+    first n demo samples against every one-attribute change that is one word."""
+    values = {"shape": data.SHAPES, "color": data.COLORS, "size": data.SIZES,
+              "position": data.POSITIONS, "background": data.COLORS}
+    pairs = []
+    for i in range(n):
+        a = data.demo_attributes(0, i)
+        for field, options in values.items():
+            for value in options:
+                b = dataclasses.replace(a, **{field: value})
+                words = [data.caption_of(x).split() for x in (a, b)]
+                if (b.color != b.background and len(words[0]) == len(words[1])
+                        and sum(u != v for u, v in zip(*words)) == 1):
+                    pairs.append((data.caption_of(a), data.caption_of(b)))
+    return pairs
+
+
+def pair_cosines(encoder, pairs):
+    """Cosine of the flattened [77, D] features of each pair."""
+    a, b = (encoder.encode([p[k] for p in pairs]) for k in (0, 1))
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+
+
+def test_random_words_is_fixed_float32_and_pinned():
+    """Two loads, any thread count and any requested dtype give the same float32 features;
+    a few pinned numbers catch any change to the tables or the recipe."""
+    from text import RANDOM_WORDS, TINY_WIDTH, load_text_encoder
+    prompts = [SHAPES_CAPTION, "a cat"]
+    a = load_text_encoder(RANDOM_WORDS).encode(prompts)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = load_text_encoder(RANDOM_WORDS, dtype=torch.bfloat16).encode(prompts)
+    finally:
+        torch.set_num_threads(threads)
+    assert a.shape == (2, 77, TINY_WIDTH) and a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    pinned = [[0.523414, -0.455955, -0.031884],    # start token: every caption's
+              [-1.455355, -0.255678, -0.904437],   # "red"
+              [0.868276, -1.213059, -0.978392]]    # padding: the whole caption's summary
+    torch.testing.assert_close(a[0, [0, 3, 76], :3], torch.tensor(pinned), rtol=0, atol=1e-5)
+    assert a[0].double().abs().sum().item() == pytest.approx(17348.297, abs=0.01)
+    # normalised like CLIP's ln_final output: zero mean and unit variance per position
+    torch.testing.assert_close(a.mean(-1), torch.zeros(2, 77), rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.var(-1, unbiased=False), torch.ones(2, 77), rtol=0, atol=1e-4)
+
+
+def test_random_words_keeps_one_word_different_captions_apart():
+    """The offline encoder must let a model tell prompts apart: captions that differ in one
+    word end far apart (over all 77 positions, and in the token mean the DiT pools), where
+    tiny-random leaves them nearly equal."""
+    from text import RANDOM_WORDS, TINY_RANDOM, load_text_encoder
+    pairs = one_word_different_captions(6)
+    assert len(pairs) > 80
+    words, tiny = load_text_encoder(RANDOM_WORDS), load_text_encoder(TINY_RANDOM)
+    cosines = pair_cosines(words, pairs)
+    assert cosines.max() < 0.6 and cosines.mean() < 0.4, (cosines.max(), cosines.mean())
+    assert pair_cosines(tiny, pairs).min() > 0.9               # the contrast, measured
+    a, b = (words.encode([p[k] for p in pairs]).mean(1) for k in (0, 1))
+    assert F.cosine_similarity(a, b).max() < 0.6
+    # word order counts: the shape's and the background's colours swapped
+    swapped = [(SHAPES_CAPTION, "a small blue circle in the top left on a red background")]
+    assert pair_cosines(words, swapped).item() < 0.6
+
+
+def test_random_words_keep_each_words_identity():
+    """Causal like CLIP's tower: the positions before the changed word are unchanged. The
+    words after it keep their own vectors (a model composes unseen captions from them), so
+    they stay closer than the same positions of unrelated captions, and captions that share
+    words are closer than unrelated ones."""
+    from text import RANDOM_WORDS, load_text_encoder
+    enc = load_text_encoder(RANDOM_WORDS)
+    pairs = one_word_different_captions(2)
+    unrelated = [(a, "an old steam train crossing a stone bridge at night") for a, _ in pairs]
+    ids = [enc.tokenize([p[k] for p in pairs]) for k in (0, 1)]
+    first = (ids[0] != ids[1]).int().argmax(1)                    # the changed token
+    end = ids[0].argmax(1)
+    feats = [enc.encode([p[k] for p in ps]) for ps in (pairs, unrelated) for k in (0, 1)]
+    same = F.cosine_similarity(feats[0], feats[1], dim=-1)       # (P, 77)
+    other = F.cosine_similarity(feats[2], feats[3], dim=-1)      # (P, 77)
+    for i in range(len(pairs)):
+        assert torch.equal(feats[0][i, :first[i]], feats[1][i, :first[i]])
+        after = slice(first[i] + 1, end[i])                       # shared words, end excluded
+        if after.start < after.stop:
+            assert same[i, after].mean() > other[i, after].mean() + 0.2
+    assert pair_cosines(enc, pairs).mean() > pair_cosines(enc, unrelated).mean() + 0.15
+
+
+def test_random_words_truncates_long_captions_and_encodes_the_empty_one():
+    """As CLIP's tokenizer: a caption of more than 75 tokens keeps its first 75 and the end
+    token, so it reads as those 75. The empty caption is the start and end tokens, then
+    padding that holds their summary alone."""
+    from text import RANDOM_WORDS, load_text_encoder
+    enc = load_text_encoder(RANDOM_WORDS)
+    with pytest.warns(UserWarning, match="truncated to 77"):
+        feats = enc.encode([" ".join(["cat"] * n) for n in (75, 76, 100)])
+    assert torch.equal(feats[0], feats[1]) and torch.equal(feats[0], feats[2])
+    empty = enc.encode(["", "a"])
+    assert torch.isfinite(empty).all() and not torch.equal(empty[0], empty[1])
+    assert torch.equal(empty[0, 2:], empty[0, 2:3].expand(75, -1))
+
+
+def test_demo_data_prepared_with_random_words(tmp_path):
+    """data.py takes the name like any other --clip: the stored caption features are the
+    encoder's (in float16)."""
+    from text import RANDOM_WORDS, load_text_encoder
+    out = tmp_path / "shapes"
+    prepare(PrepareConfig(src="demo", out=str(out), res=[8], vae="none", clip=RANDOM_WORDS,
+                          format="demo", n=6))
+    dataset = data.LatentDataset(str(out))
+    captions = [dataset.caption(i) for i in range(6)]
+    assert json.load(open(out / "index.json"))["clip"] == RANDOM_WORDS
+    np.testing.assert_allclose(shard_arrays(out, data.CAPTION_COLUMN).astype(np.float32),
+                               load_text_encoder(RANDOM_WORDS).encode(captions).numpy(),
+                               rtol=2e-3, atol=2e-3)
+
 # ----------------------------------------------------------------------------- sample.py
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,27 @@ trained with, and plain GELU gives silently different features.
     enc = load_text_encoder("hf-hub:apple/DFN5B-CLIP-ViT-H-14-378")   # or a local file / folder
     feats = enc.encode(["a cat", "a dog"])                              # (2, 77, 1024)
 
-`tiny-random` is a small randomly initialised tower (same tokenizer, 77 tokens, width 256)
-FOR TESTS AND OFFLINE DEMOS ONLY: its features carry the words of the caption but no
-meaning learned from images. Its weights are fixed by a seed, so data prepared with it and
-a model sampled with it agree.
+Offline (nothing to download), `random-words` gives 256-wide features from fixed random
+tables: no meaning learned from images, but each word keeps its own vector and captions
+that differ in one word are far apart (see RandomWords), so a model learns prompts from
+them. FOR DEMOS AND TESTS ONLY. `tiny-random`, a small randomly initialised open_clip
+tower (same tokenizer, width 256), is kept only for the tests that need open_clip's code
+path: it maps captions that differ in one word to nearly the same features. Both are fixed
+by a seed, so data prepared with them and a model sampled with them agree.
 """
+import math
 import os
 import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 DEFAULT_CLIP = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
 CLIP_ARCH = "ViT-H-14-378-quickgelu"
 TINY_RANDOM = "tiny-random"
+RANDOM_WORDS = "random-words"
+RANDOM_WORDS_SEED = 2407  # any constant: the features must be the same everywhere
 # the paper's text tower, for a machine that works offline afterwards, and where it lands
 DOWNLOAD = ("hf download apple/DFN5B-CLIP-ViT-H-14-378 open_clip_model.safetensors "
             "--local-dir weights/clip")
@@ -37,13 +44,15 @@ def download_hint(repo):
             f"and pass --clip weights/clip/{WEIGHT_FILES[0]}")
 
 
-class TextEncoder(nn.Module):
-    def __init__(self, tower, tokenizer, name):
+class CaptionEncoder(nn.Module):
+    """Captions -> CLIP's 77 BPE token ids -> float32 token features [N, 77, width]; a
+    subclass says how ids become features (`features`)."""
+
+    def __init__(self, tokenizer, name, width):
         super().__init__()
-        self.tower = tower  # an open_clip CLIP or TextTransformer: the text parts are used
         self.tokenizer = tokenizer
         self.name = name
-        self.width = tower.ln_final.weight.shape[0]
+        self.width = width
 
     def truncated(self, prompts):
         """(token count, prompt) for each prompt longer than the 77 tokens the tower reads
@@ -61,15 +70,65 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts):
         """Prompts -> float32 token features [N, 77, width]."""
-        device = self.tower.ln_final.weight.device
-        ids = self.tokenize(prompts).to(device)
+        return self.features(self.tokenize(prompts)).float()
+
+
+class TextEncoder(CaptionEncoder):
+    """An OpenCLIP text tower's token features after its final LayerNorm."""
+
+    def __init__(self, tower, tokenizer, name):
+        super().__init__(tokenizer, name, tower.ln_final.weight.shape[0])
+        self.tower = tower  # an open_clip CLIP or TextTransformer: the text parts are used
+
+    def features(self, ids):
         t = self.tower
+        ids = ids.to(t.ln_final.weight.device)
         x = t.token_embedding(ids) + t.positional_embedding                # (N, 77, width)
         if getattr(t.transformer, "batch_first", True):
             x = t.transformer(x, attn_mask=t.attn_mask)
         else:  # open_clip before 2.23 ran its transformer sequence-first
             x = t.transformer(x.transpose(0, 1), attn_mask=t.attn_mask).transpose(0, 1)
-        return t.ln_final(x).float()                                         # (N, 77, width)
+        return t.ln_final(x)                                                 # (N, 77, width)
+
+
+class RandomWords(CaptionEncoder):
+    """Caption features from fixed random tables, no meaning learned from images, that keep
+    captions differing in one word far apart. Each position holds, like the output of
+    CLIP's causal tower after ln_final:
+    - its token's random vector plus its position's: captions that share words share
+      these, so a model can compose an unseen caption from words it has seen;
+    - a summary of the caption up to there: the tokens so far, each bound to its position
+      (so word order counts), summed, and sent through random Fourier features (Rahimi and
+      Recht, 2007), whose cosines follow the kernel exp(-sharpness^2 |a - b|^2 / 2) of the
+      unit-length sums. One changed token of t moves such a sum by |a - b|^2 ~ 2/t, leaving
+      its summary a cosine of ~exp(-sharpness^2 / t): 0.2 for a 15-token shapes caption.
+    The positions after the end token hold the summary of the whole caption alone. Every
+    table comes from uniform draws (exact on any machine, unlike normal ones, which go
+    through log and cos) of a generator seeded with a constant."""
+
+    def __init__(self, tokenizer, width=TINY_WIDTH, sharpness=5.0):
+        super().__init__(tokenizer, RANDOM_WORDS, width)
+        g = torch.Generator().manual_seed(RANDOM_WORDS_SEED)
+
+        def uniform(*shape):  # zero mean, unit variance
+            return (torch.rand(shape, generator=g) * 2 - 1) * 3 ** 0.5
+
+        self.register_buffer("token_vectors", uniform(tokenizer.vocab_size, width))
+        self.register_buffer("position_vectors", uniform(CONTEXT_LENGTH, width))
+        self.register_buffer("position_keys", uniform(CONTEXT_LENGTH, width))
+        self.register_buffer("frequencies", uniform(width, width) * sharpness)
+        self.register_buffer("phases", torch.rand(width, generator=g) * 2 * math.pi)
+
+    def features(self, ids):
+        ids = ids.to(self.token_vectors.device)
+        end = ids.argmax(-1, keepdim=True)  # the end token has the largest id, as CLIP pools
+        is_word = (torch.arange(CONTEXT_LENGTH, device=ids.device) <= end)[..., None]
+        tokens = self.token_vectors[ids] * is_word                            # (N, 77, D)
+        so_far = F.normalize((tokens * self.position_keys).cumsum(1), dim=-1) # (N, 77, D)
+        # sqrt(2) cos(.) has unit variance, like the token and position vectors
+        summary = 2 ** 0.5 * torch.cos(so_far @ self.frequencies + self.phases)
+        x = tokens + self.position_vectors * is_word + summary                # (N, 77, D)
+        return F.layer_norm(x, x.shape[-1:])
 
 
 def tiny_random_tower():
@@ -94,7 +153,7 @@ def resolve_clip_weights(name):
     repo = name.removeprefix("hf-hub:")
     if repo.count("/") != 1:
         raise FileNotFoundError(f"--clip {name!r}: not a file, a folder or a hub id "
-                                f"(org/repo); or use '{TINY_RANDOM}' for offline tests")
+                                f"(org/repo); or use '{RANDOM_WORDS}' offline")
     local = "" if name.startswith("hf-hub:") else f"{name} is no file or folder here, and as "
     from huggingface_hub import hf_hub_download
     errors = []
@@ -155,10 +214,13 @@ def load_text_tower(arch, path):
 
 
 def load_text_encoder(name=DEFAULT_CLIP, device="cpu", dtype=torch.float32, arch=CLIP_ARCH):
-    """A frozen TextEncoder from a hub id, a local file or folder, or 'tiny-random'.
+    """A frozen caption encoder from a hub id, a local file or folder, 'random-words' or
+    'tiny-random' (see above).
     `arch` is the open_clip architecture the weights belong to."""
     import open_clip
     tokenizer = open_clip.get_tokenizer(CLIP_ARCH)  # the same BPE for every OpenAI-style tower
+    if name == RANDOM_WORDS:  # float32 whatever `dtype`: cheap, and the same on every device
+        return RandomWords(tokenizer).to(device).eval()
     if name == TINY_RANDOM:
         tower = tiny_random_tower()
     else:
