@@ -78,10 +78,11 @@ def main(argv=None):
                                   weight_decay=args.weight_decay)
     batches = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
-        ids = np.sort(torch.randperm(dataset.num_samples, generator=batches)[:args.batch_size].numpy())
+        ids = torch.randperm(dataset.num_samples, generator=batches)[:args.batch_size]
+        ids = np.sort(ids.numpy())  # gather reads in disk order
         x = torch.empty(args.batch_size, *shape)                        # (B, C, H, W)
         y = torch.empty(args.batch_size, *caption_shape)                # (B, 77, D)
-        dataset.gather(column, ids, x)  # sorted ids: read in disk order
+        dataset.gather(column, ids, x)
         dataset.gather(CAPTION_COLUMN, ids, y)
         y[torch.rand(args.batch_size, generator=batches) < CAPTION_DROP] = 0
         lr = learning_rate(args, step)
