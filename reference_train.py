@@ -1,5 +1,6 @@
 """The simplest correct MicroDiT training loop: the yardstick that train.py is held to.
 
+    python data.py demo --out data/shapes16 --res 16
     python reference_train.py --data data/shapes16 --res 16 --steps 1500 --lr 1e-3 --out ref.pt
 
 train.py carries what long runs on many GPUs need (phases, resuming, DDP/FSDP, compile,
@@ -30,7 +31,8 @@ CAPTION_DROP = 0.1  # captions zeroed: the all-zero one is what guidance takes a
 
 
 def learning_rate(args, step):
-    """Linear warmup to --lr, then a cosine down to --min-lr-ratio of it (1: constant)."""
+    """Linear warmup to --lr, then a cosine down to --min-lr-ratio of it: train.py's phase 1
+    schedule, so that a comparison checks its cosine too (1: constant, as its later phases)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
@@ -57,10 +59,13 @@ def main(argv=None):
     p.add_argument("--model", default="{}", help='JSON of DiTConfig overrides: \'{"depth": 2}\'')
     p.add_argument("--out", default="reference.pt")
     args = p.parse_args(argv)
-    overrides = json.loads(args.model)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(DiTConfig)}
-    if unknown:
-        p.error(f"--model: {sorted(unknown)} are not DiTConfig fields")
+    try:
+        overrides = json.loads(args.model)
+    except ValueError:
+        overrides = None
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    if not isinstance(overrides, dict) or set(overrides) - fields:
+        p.error(f"--model {args.model}: give a JSON object of DiTConfig fields {sorted(fields)}")
 
     torch.manual_seed(args.seed)  # initial weights, noise levels and noise
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,9 +74,9 @@ def main(argv=None):
     shape, caption_shape = dataset.columns[column], dataset.columns[CAPTION_COLUMN]
     if args.batch_size > dataset.num_samples:
         p.error(f"--batch-size {args.batch_size}: the data has {dataset.num_samples} samples")
-    cfg = DiTConfig.from_dict({**dataclasses.asdict(PRESETS[args.preset]),
+    cfg = DiTConfig.from_dict({**dataclasses.asdict(PRESETS[args.preset]), **overrides,
                                "in_channels": shape[0], "input_size": shape[1],
-                               "caption_channels": caption_shape[-1], **overrides})
+                               "caption_channels": caption_shape[-1]})  # the data's sizes
     net = MicroDiT(cfg).to(device)
     print(f"{cfg}\n{count_params(net):,} parameters")
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -104,5 +109,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:  # bad data or --model JSON, said plainly
+    except (FileNotFoundError, ValueError) as e:  # data that is missing or not prepared
         sys.exit(f"error: {e}")
