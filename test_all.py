@@ -4387,3 +4387,99 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
             weight = (sigma ** 2 + 0.9 ** 2) / (sigma * 0.9) ** 2
             expected.append(float((weight * (D - x) ** 2).mean()))
     assert results[0]["held_out_loss"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- reference trainer
+
+PARITY_MODEL = {"dim": 32, "depth": 2, "head_dim": 16, "multiple_of": 32,
+                "patch_mixer_depth": 0, "num_experts": 0}
+# flags both trainers take: phase 1's values, with a budget and lr a CPU test affords; the
+# cosine runs down to 0 so that the final weights are not one noisy step's
+PARITY_RECIPE = ["--res", "16", "--steps", "200", "--batch-size", "16", "--lr", "5e-3",
+                 "--warmup", "20", "--min-lr-ratio", "0", "--grad-clip", "0.25",
+                 "--p-mean", "-0.6", "--p-std", "1.2", "--weight-decay", "0.1",
+                 "--mask-ratio", "0", "--model", json.dumps(PARITY_MODEL)]
+# The seed spread is the std over seeds of the correct trainers, train.py's and the
+# reference's pooled (6 degrees of freedom). Student t for the difference of two means of 4
+# seeds, at a 1% false alarm over the 8 noise levels together (Bonferroni: 0.125% each):
+# |difference| <= 5.6 x its standard error, sqrt(2 / 4) spread, so k = 5.6 x 0.71 ~ 4
+PARITY_K = 4.0
+PARITY_FLOOR = 0.01  # a spread that happens to come out near 0 is not a promise of equality
+
+
+def pooled_std(*groups):
+    """Per noise level: the std over seeds of groups of [seeds, levels] losses, pooled."""
+    squares = sum((len(g) - 1) * np.var(g, 0, ddof=1) for g in groups)
+    return np.sqrt(squares / sum(len(g) - 1 for g in groups))
+
+
+def off_the_reference(runs, ref_runs, spread):
+    """Per noise level: |mean - reference mean| > PARITY_K x spread + PARITY_FLOOR; and the
+    figures, as text."""
+    gap = np.abs(np.mean(runs, 0) - np.mean(ref_runs, 0))
+    text = (f"mean {np.mean(runs, 0).round(3)} std {np.std(runs, 0, ddof=1).round(3)}; "
+            f"reference mean {np.mean(ref_runs, 0).round(3)} std "
+            f"{np.std(ref_runs, 0, ddof=1).round(3)}; |gap| / spread {(gap / spread).round(1)}")
+    return gap > PARITY_K * spread + PARITY_FLOOR, text
+
+
+def test_train_matches_the_reference_trainer_within_the_seed_spread(tmp_path, monkeypatch):
+    """train.py and reference_train.py, same data, recipe and seeds: their final models score
+    the same held-out loss at every noise level within the spread over seeds, and both
+    learned. train.py broken to train with another phase's noise levels (phase 3's, in
+    phase 1) falls outside: the comparison can fail."""
+    import experiments
+    import reference_train
+    from sample import load_dit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matmuls this small gain nothing from two threads on shared cores
+    try:
+        shapes = data.ensure_demo_data(str(tmp_path / "shapes"), res=16, n=256, seed=0)
+        # another draw of the shapes set; rows whose captions no training image has
+        held_out = data.ensure_demo_data(str(tmp_path / "held_out"), res=16, n=192, seed=1)
+        rows = experiments.unseen_rows(held_out, shapes, 128)
+
+        def score(path):
+            net, _ = load_dit(path)
+            return experiments.held_out_loss(net, held_out, rows)[1]
+
+        def train_py(seed, name):
+            out = tmp_path / f"{name}{seed}"
+            args = ["--data", shapes, "--out", str(out), "--seed", str(seed), "--micro-batch", "8",
+                    "--schedule", "cosine", "--ema-decay", "0", "--ckpt-every", "200",
+                    "--sample-every", "0", "--no-compile", *PARITY_RECIPE]
+            train.main(args)
+            train.main(args + ["--export", str(out / "final.safetensors")])
+            return score(str(out / "final.safetensors"))
+
+        def reference(seed):
+            path = str(tmp_path / f"reference{seed}.pt")
+            reference_train.main(["--data", shapes, "--seed", str(seed), "--out", path,
+                                  *PARITY_RECIPE])
+            return score(path)
+
+        ref = [reference(seed) for seed in range(4)]
+        ours = [train_py(seed, "train") for seed in range(4)]
+        real_loss = train.edm_loss_per_sample
+
+        def phase_3_noise(net, x, y, mask_ratio, p_mean, p_std, **kw):
+            return real_loss(net, x, y, mask_ratio, train.PHASES[3]["p_mean"],
+                             train.PHASES[3]["p_std"], **kw)
+        monkeypatch.setattr(train, "edm_loss_per_sample", phase_3_noise)
+        broken = [train_py(seed, "broken") for seed in range(2)]
+
+        untrained, _ = load_dit(str(tmp_path / "reference0.pt"))
+        untrained = experiments.held_out_loss(MicroDiT(untrained.cfg).eval(), held_out, rows)[1]
+    finally:
+        torch.set_num_threads(threads)
+    mid = [experiments.HELD_OUT_SIGMAS.index(s) for s in (0.5, 1.0, 2.0)]
+    for losses in (ref, ours):
+        assert (np.mean(losses, 0)[mid] < 0.5 * np.array(untrained)[mid]).all(), (losses,
+                                                                                  untrained)
+    spread = pooled_std(ours, ref)
+    off, text = off_the_reference(ours, ref, spread)
+    print(f"train.py: {text}")
+    assert not off.any(), f"train.py is off the reference at sigma {off}: {text}"
+    off, text = off_the_reference(broken, ref, spread)
+    print(f"train.py with phase 3's noise levels: {text}")
+    assert off.any(), f"the broken train.py passes: {text}"
