@@ -697,7 +697,7 @@ class LatentLoader:
 
 PREPARE_COMMANDS = {  # handed whole, flags and --help included, to prepare.py
     "prepare": "images + captions -> latent shards: `python prepare.py`, the same flags",
-    "demo": "render the built-in shapes set and prepare it (pixels, tiny-random captions)",
+    "demo": "render the built-in shapes set and prepare it (pixels, random-words captions)",
 }
 
 

@@ -2,7 +2,7 @@
 
     python prepare.py --src imgs/ --out data/mine --res 256 512 --vae weights/sdxl/vae
     torchrun --nproc_per_node 8 prepare.py --src shards/ --out data/cc12m --res 256 512 ...
-    python prepare.py --src demo --out data/shapes32 --res 32 --vae none --clip tiny-random
+    python prepare.py --src demo --out data/shapes32 --res 32 --vae none --clip random-words
 
 Inputs: a folder of images with same-named .txt captions, img2dataset WebDataset tars, COCO
 captions JSON + image folder, or the built-in shapes set ('demo'). Each image is resized
@@ -39,7 +39,7 @@ import vae as vae_lib
 from checkpoint import atomic_write, write_json
 from data import (CAPTION_COLUMN, FORMAT, FORMAT_VERSION, caption_of, column_path, command_error,
                   demo_attributes, read_manifest, render_shapes, shard_name)
-from text import DEFAULT_CLIP, TINY_RANDOM, load_text_encoder
+from text import DEFAULT_CLIP, RANDOM_WORDS, load_text_encoder
 from vae import load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -530,7 +530,7 @@ class PrepareConfig:
     out: str
     res: list = field(default_factory=lambda: [256])
     vae: str = "none"               # VAE folder/file for vae.load_vae, or 'none' for pixels
-    clip: str = DEFAULT_CLIP        # an OpenCLIP hub id, a local file, or 'tiny-random'
+    clip: str = DEFAULT_CLIP        # an OpenCLIP hub id, a local file, or an offline one (text.py)
     format: str | None = None       # detected from src when None
     batch_size: int = 64
     device: str | None = None       # cuda:LOCAL_RANK when there is a GPU, else cpu
@@ -747,12 +747,20 @@ def prepare(cfg, rank=None, world_size=None):
     return summary
 
 
-def ensure_demo_data(out, master=True, res=32, n=PrepareConfig.n, seed=0):
-    """The built-in shapes set in pixel space with tiny-random caption features, prepared in
-    `out` unless it is there already; returns out. Only the master prepares: other ranks
-    must wait (e.g. at a barrier) before reading it."""
-    if master and not os.path.exists(os.path.join(out, "index.json")):
-        prepare(PrepareConfig(src="demo", out=out, res=[res], vae="none", clip=TINY_RANDOM,
+def ensure_demo_data(out, master=True, res=32, n=PrepareConfig.n, seed=0, clip=RANDOM_WORDS):
+    """The built-in shapes set in pixel space with offline caption features (`clip`),
+    prepared in `out` unless it is there already; returns out. Only the master prepares:
+    other ranks must wait (e.g. at a barrier) before reading it."""
+    index = os.path.join(out, "index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            made_with = json.load(f).get("clip")
+        if made_with != clip:
+            raise ValueError(f"{out} holds the shapes set with {made_with!r} caption features, "
+                             f"not {clip!r}: move it away (or give another folder) to prepare "
+                             f"it again")
+    elif master:
+        prepare(PrepareConfig(src="demo", out=out, res=[res], vae="none", clip=clip,
                               format="demo", n=n, seed=seed), rank=0, world_size=1)
     return out
 
@@ -771,7 +779,7 @@ def recorded_path(name):
 @record  # under torchrun: an unexpected exception goes to the error file with its traceback
 def main(argv=None, demo=False):
     """`python prepare.py ...`; demo: `python data.py demo ...`, the built-in shapes set with
-    defaults for a quick pixel-space run (no --src, --vae none, --clip tiny-random)."""
+    defaults for a quick pixel-space run (no --src, --vae none, --clip random-words)."""
     defaults = PrepareConfig(src="", out="")
     parser = argparse.ArgumentParser(prog="data.py demo" if demo else "prepare.py",
                                      description="the built-in shapes set, prepared" if demo
@@ -800,8 +808,9 @@ def main(argv=None, demo=False):
       help="image resolutions to encode (a latents_<res> column each)")
     p("--vae", default="none" if demo else None, help="VAE folder or file (see vae.py), or "
       "'none' for pixel space")
-    p("--clip", default=TINY_RANDOM if demo else defaults.clip, help="OpenCLIP hub id, local "
-      "weights, or 'tiny-random' (offline tests and demos)")
+    p("--clip", default=RANDOM_WORDS if demo else defaults.clip, help="OpenCLIP hub id, local "
+      "weights, or 'random-words' (offline: no download; 'tiny-random' only where a test "
+      "needs open_clip's code path)")
     p("--batch-size", type=int, default=defaults.batch_size)
     p("--device", default=None, help="default: cuda:LOCAL_RANK if available")
     p("--dtype", default=None, choices=["float32", "bfloat16"],

@@ -42,7 +42,7 @@ def learning_rate(args, step):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="a folder made by `python data.py prepare`")
+    p.add_argument("--data", required=True, help="a folder made by `python prepare.py`")
     p.add_argument("--res", type=int, default=256, help="which of the data's resolutions")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)

@@ -134,7 +134,7 @@ def main(argv=None):
     parser.add_argument("--preset", choices=PRESETS, help="force the architecture")
     parser.add_argument("--vae", help="VAE folder/file/hub id, or 'none' for a pixel-space "
                                       "model (default: the checkpoint's, else by latent width)")
-    parser.add_argument("--clip", help=f"CLIP weights file/folder/hub id or 'tiny-random' "
+    parser.add_argument("--clip", help=f"CLIP weights file/folder/hub id or 'random-words' "
                                        f"(default: the checkpoint's, else {DEFAULT_CLIP})")
     parser.add_argument("--steps", type=int, default=30, help="Heun steps (default 30)")
     parser.add_argument("--cfg", dest="guidance", type=float, default=5.0,

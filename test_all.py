@@ -4430,13 +4430,14 @@ def test_train_matches_the_reference_trainer_within_the_seed_spread(tmp_path, mo
     phase 1) falls outside: the comparison can fail."""
     import experiments
     import reference_train
-    from sample import load_dit
+    from checkpoint import load_dit
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matmuls this small gain nothing from two threads on shared cores
     try:
-        shapes = data.ensure_demo_data(str(tmp_path / "shapes"), res=16, n=256, seed=0)
+        shapes = prepare_lib.ensure_demo_data(str(tmp_path / "shapes"), res=16, n=256, seed=0)
         # another draw of the shapes set; rows whose captions no training image has
-        held_out = data.ensure_demo_data(str(tmp_path / "held_out"), res=16, n=192, seed=1)
+        held_out = prepare_lib.ensure_demo_data(str(tmp_path / "held_out"), res=16, n=192,
+                                                seed=1)
         rows = experiments.unseen_rows(held_out, shapes, 128)
 
         def score(path):

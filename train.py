@@ -44,6 +44,7 @@ from parallel import (COMPILE_MODES, OUT_OF_MEMORY_ADVICE, accumulating, clip_in
                       inductor_options, peak_flops, setup_distributed, shard, wrap)
 from prepare import ensure_demo_data
 from sample import grid_encoders, save_sample_grid
+from text import RANDOM_WORDS
 
 # The paper's recipe: steps, warmup and EMA start count from the start of the phase;
 # micro_batch is the per-GPU batch the paper used on 8xH100.
@@ -239,7 +240,7 @@ def load_data(run, start, rank, world, device, master):
                  "(or 'DIR_A:0.6,DIR_B:0.4' to mix several, MDS folders included), or "
                  "--data demo for the built-in shapes set (--demo runs the whole CPU demo)")
     if run["data"] == "demo":  # one folder per resolution: a later --res finds its own
-        folder = os.path.abspath(os.path.join(run["out"], f"demo_data_{run['res']}px"))
+        folder = os.path.abspath(os.path.join(run["out"], f"demo_data_{run['res']}px_{RANDOM_WORDS}"))
         run["data"] = ensure_demo_data(folder, master, res=run["res"])
         if world > 1:
             dist.barrier()
@@ -334,7 +335,8 @@ def train_step(model, net, optimizer, batches, run, step, accum=1, rank=0, world
         generator = micro_generator(run["seed"], step, micro * world + rank, device)
         with accumulating(model, net, sync=micro == accum - 1 or world == 1), autocast:
             per_sample, sigma = edm_loss_per_sample(model, x, y, run["mask_ratio"],
-                                                    run["p_mean"], run["p_std"], generator)
+                                                    run["p_mean"], run["p_std"],
+                                                    generator=generator)
             loss = per_sample.mean()
             if net.cfg.moe_routing == "token_choice":
                 aux = net.aux_loss()
