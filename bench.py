@@ -42,7 +42,7 @@ import torch
 
 from checkpoint import HostSnapshot, gathered, optimizer_state
 from data import CAPTION_COLUMN, LatentLoader
-from diffusion import heun_sample
+from diffusion import SIGMA_DATA, heun_sample
 from mixer import num_kept
 from model import (PRECISIONS, PRESETS, MicroDiT, block_ratios, count_params, precision,
                    qkv_hidden, train_flops_per_image)
@@ -209,7 +209,7 @@ def bench_training(args, cfg, device, autocast, peak):
     variants = {}
     for kind in kinds:
         for m in masks:
-            run = dict(phase, **RUN_DEFAULTS, mask_ratio=m)
+            run = dict(phase, **{**RUN_DEFAULTS, "sigma_data": SIGMA_DATA}, mask_ratio=m)
             variants[(kind, m)] = (lambda model=models[kind], run=run: train_step(
                 model, raw, optimizer, batches, run, step=0, autocast=autocast))
     if args.profile:  # where the time of a step goes, by operator (compiled when compiling)

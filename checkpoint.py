@@ -175,7 +175,8 @@ def weights_of(ckpt, path):
     train.py one (EMA weights preferred) or a bare state_dict (a released .pt)."""
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
-        info = {k: ckpt.get(k) for k in ("vae", "clip", "step")}
+        # sigma_data: None for checkpoints from before it was recorded (0.9, SIGMA_DATA)
+        info = {k: ckpt.get(k) for k in ("vae", "clip", "step", "sigma_data")}
         info["data"] = (ckpt.get("config") or {}).get("data")  # what it was trained on
         return check_weights(state, path), ckpt.get("model_config"), info
     return check_weights(ckpt, path), None, {}
@@ -535,8 +536,9 @@ def init_checkpoint(path):
     weights (a released .pt, an exported .safetensors) as a start that has weights only."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init {path}: no such file")
+    info = {}
     if path.endswith(".safetensors"):
-        state, config, _ = read_checkpoint(path)
+        state, config, info = read_checkpoint(path)
     else:
         ckpt = load_checkpoint(path)  # read once: a released one is 4.7 GB
         if isinstance(ckpt, dict) and "optimizer" in ckpt:
@@ -546,7 +548,8 @@ def init_checkpoint(path):
                                  f"bare weights (a state_dict) instead")
             return ckpt
         state, config, _ = weights_of(ckpt, f"--init {path}")
-    return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state))}
+    return {"model": state, "model_config": config or dataclasses.asdict(infer_config(state)),
+            "sigma_data": info.get("sigma_data")}
 
 
 def previous_phase_checkpoint(out, phase):
@@ -576,7 +579,7 @@ def export_weights(out, phase, path):
         sys.exit(f"nothing to export: no checkpoint in {phase_dir(out, phase)}")
     ckpt = load_checkpoint(found[-1])
     weights = ckpt["ema"] or ckpt["model"]
-    info = {k: ckpt[k] for k in ("model_config", "vae", "clip", "step")}
+    info = {k: ckpt.get(k) for k in ("model_config", "vae", "clip", "step", "sigma_data")}
     info["weights"] = "ema" if ckpt["ema"] else "model"
     # atomic: never a half-written file under that name (save_file streams to the temporary
     # file by its name; atomic_write's fsync covers it all the same)

@@ -417,6 +417,25 @@ def data_info(sources, num_prompts=8):
     return {**dataset.info, "sample_prompts": [dataset.caption(int(i)) for i in picks]}
 
 
+def data_std(sources, res, n=4096, seed=0):
+    """The standard deviation of the data's values at `res`, over up to n samples drawn at
+    random from the sources in proportion to their weights: EDM's sigma_data for a model
+    trained on them (pixels in [-1, 1], or latents at whatever scale they were stored)."""
+    sources = parse_sources(sources)
+    total = sum(w for _, w in sources)
+    rng = np.random.default_rng(seed)
+    values = []
+    for path, weight in sources:
+        dataset = LatentDataset(path)
+        column = dataset.image_column(res)
+        count = max(1, min(dataset.num_samples, round(n * weight / total)))
+        ids = np.sort(rng.choice(dataset.num_samples, count, replace=False))
+        rows = torch.empty(count, *dataset.columns[column])             # (count, C, H, W)
+        dataset.gather(column, ids, rows)
+        values.append(rows.flatten())
+    return round(torch.cat(values).double().std().item(), 4)  # an estimate: 4 decimals
+
+
 
 # ----------------------------------------------------------------------------------------
 # the training loader

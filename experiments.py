@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 
 import train
 from data import LatentDataset
-from diffusion import edm_loss_per_sample
+from diffusion import SIGMA_DATA, edm_loss_per_sample
 from eval import evaluate_shapes, file_identity
 from model import PRESETS, DiTConfig, train_flops_per_image
 from checkpoint import atomic_write, checkpoints, load_dit, phase_dir, write_json
@@ -113,9 +113,9 @@ def unseen_rows(held_out, data, n):
 
 
 @torch.no_grad()
-def held_out_loss(net, held_out, rows):
+def held_out_loss(net, held_out, rows, sigma_data=SIGMA_DATA):
     """Mean EDM loss over HELD_OUT_SIGMAS with fixed noise: a deterministic quality score,
-    on the held-out set's `rows`."""
+    on the held-out set's `rows`, weighted as the model was trained (its sigma_data)."""
     shard = os.path.join(held_out, "shard-00000")
     images = torch.from_numpy(np.load(f"{shard}.images_{RES}.npy"))[rows].float()      # (N, 3, H, W)
     captions = torch.from_numpy(np.load(f"{shard}.caption_feats.npy"))[rows].float()  # (N, 77, Dc)
@@ -125,7 +125,7 @@ def held_out_loss(net, held_out, rows):
         noise = torch.randn(images.shape, generator=g)
         normal = torch.full((len(images),), float(np.log(sigma)))  # p_mean 0, p_std 1: sigma
         per_sample, _ = edm_loss_per_sample(net, images, captions, 0.0, 0.0, 1.0,
-                                            normal=normal, noise=noise)
+                                            sigma_data=sigma_data, normal=normal, noise=noise)
         losses.append(per_sample.mean().item())
     return float(np.mean(losses)), losses
 
@@ -155,8 +155,9 @@ def evaluate(folder, held_out, rows, images, steps):
             saved = json.load(f)
         if saved["settings"] == settings:
             return saved["result"]
-    net, _ = load_dit(ckpt)
-    loss, per_sigma = held_out_loss(net.eval(), held_out, rows)
+    net, info = load_dit(ckpt)
+    loss, per_sigma = held_out_loss(net.eval(), held_out, rows,
+                                    info.get("sigma_data") or SIGMA_DATA)
     scores, _, _ = evaluate_shapes(ckpt, n=images, seed=1234, steps=steps, guidance=3.0,
                                    device="cpu")
     result = {"held_out_loss": loss, "held_out_per_sigma": per_sigma, **scores}

@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import torch
 
-from data import CAPTION_COLUMN, LatentDataset
+from data import CAPTION_COLUMN, LatentDataset, data_std
 from diffusion import edm_loss
 from model import PRESETS, DiTConfig, MicroDiT, count_params
 
@@ -54,6 +54,7 @@ def main(argv=None):
     p.add_argument("--p-mean", type=float, default=-0.6, help="ln(sigma) ~ N(p_mean, p_std^2)")
     p.add_argument("--p-std", type=float, default=1.2)
     p.add_argument("--mask-ratio", type=float, default=0.0)
+    p.add_argument("--sigma-data", type=float, help="EDM's data std (default: the data's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", choices=PRESETS, default="MicroDiT_CPU_2")
     p.add_argument("--model", default="{}", help='JSON of DiTConfig overrides: \'{"depth": 2}\'')
@@ -78,6 +79,7 @@ def main(argv=None):
                                "in_channels": shape[0], "input_size": shape[1],
                                "caption_channels": caption_shape[-1]})  # the data's sizes
     net = MicroDiT(cfg).to(device)
+    sigma_data = args.sigma_data or data_std(args.data, args.res)
     print(f"{cfg}\n{count_params(net):,} parameters")
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=args.weight_decay)
@@ -93,7 +95,8 @@ def main(argv=None):
         lr = learning_rate(args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = edm_loss(net, x.to(device), y.to(device), args.mask_ratio, args.p_mean, args.p_std)
+        loss = edm_loss(net, x.to(device), y.to(device), args.mask_ratio, args.p_mean, args.p_std,
+                        sigma_data=sigma_data)
         optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -102,7 +105,7 @@ def main(argv=None):
             print(f"step {step + 1} loss {loss.item():.4f} grad norm {grad_norm:.3f} lr {lr:.2e}")
     torch.save({"model": net.state_dict(), "model_config": dataclasses.asdict(cfg),
                 "vae": dataset.info.get("vae"), "clip": dataset.info.get("clip"),
-                "step": args.steps}, args.out)
+                "step": args.steps, "sigma_data": sigma_data}, args.out)
     print(f"weights in {args.out}")
 
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from checkpoint import RELEASED_CKPT, RELEASED_REPO, build_dit, download_instructions, read_checkpoint
-from diffusion import heun_sample
+from diffusion import SIGMA_DATA, EDMConfig, heun_sample
 from model import PRESETS, precision
 from text import DEFAULT_CLIP, load_text_encoder
 from vae import load_vae
@@ -27,7 +27,7 @@ from vae import load_vae
 # the VAE each released latent width was trained with
 DEFAULT_VAES = {4: "stabilityai/stable-diffusion-xl-base-1.0", 16: "ostris/vae-kl-f8-d16"}
 PIXEL_SPACE = "none"  # --vae none: the model works on pixels directly
-Pipeline = collections.namedtuple("Pipeline", "net text_encoder vae device")
+Pipeline = collections.namedtuple("Pipeline", "net text_encoder vae device sigma_data")
 GUIDANCE_MEANING = "1: none, 0: the unconditional model alone, above 1: more guidance"
 
 
@@ -92,9 +92,9 @@ def grid_image(images, columns, min_side=64):
 
 @torch.no_grad()
 def generate(net, text_encoder, vae, prompts, seed, steps, guidance, batch_size, device,
-             dtype="auto"):
+             dtype="auto", sigma_data=SIGMA_DATA):
     """Images [N, 3, H, W] in [0, 1] for the prompts (vae None: pixel-space model); `dtype`
-    as for precision()."""
+    as for precision(); sigma_data the one the model was trained with."""
     c = net.cfg
     generator = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(len(prompts), c.in_channels, c.input_size, c.input_size,
@@ -104,7 +104,8 @@ def generate(net, text_encoder, vae, prompts, seed, steps, guidance, batch_size,
     for start in range(0, len(prompts), batch_size):
         y = text_encoder.encode(prompts[start:start + batch_size])
         with autocast:  # latents, or the image itself for a pixel-space model
-            out = heun_sample(net, noise[start:start + batch_size], y, steps, guidance)
+            out = heun_sample(net, noise[start:start + batch_size], y, steps, guidance,
+                              EDMConfig(sigma_data=sigma_data))
         if vae is not None:
             out = vae.decode_from_scaled(out.to(next(vae.parameters()).dtype))
         images.append((out.float() / 2 + 0.5).clamp(0, 1))
@@ -198,7 +199,7 @@ def load_pipeline(ckpt, vae_name=None, clip_name=None, device="cpu", preset=None
                          f"{factor}x downsampling times the {patch}x{patch} patches)")
     latent_size = res // factor if res else None
     net = build_dit(state, config, preset, latent_size, device, source=ckpt)
-    return Pipeline(net, text_encoder, vae, device)
+    return Pipeline(net, text_encoder, vae, device, info.get("sigma_data") or SIGMA_DATA)
 
 
 def check_device(device):
@@ -217,12 +218,12 @@ def run(args):
         raise ValueError(f"--out {args.out} is a file: name a folder for the images")
     prompts = read_prompts(args)
     ckpt = args.ckpt or hub_file(RELEASED_REPO, RELEASED_CKPT)
-    net, text_encoder, vae, _ = load_pipeline(ckpt, args.vae, args.clip, args.device,
-                                              args.preset, args.res)
+    net, text_encoder, vae, _, sigma_data = load_pipeline(ckpt, args.vae, args.clip,
+                                                          args.device, args.preset, args.res)
     if args.compile:  # every step calls it with the same shapes: one compilation serves all
         net = torch.compile(net)
     images = generate(net, text_encoder, vae, prompts, args.seed, args.steps, args.guidance,
-                      args.batch_size, args.device)
+                      args.batch_size, args.device, sigma_data=sigma_data)
     os.makedirs(args.out, exist_ok=True)
     pil_images = []
     for i, (prompt, image) in enumerate(zip(prompts, images)):
@@ -257,13 +258,13 @@ def grid_encoders(vae_name, clip_name, model_cfg, data):
 
 
 @torch.no_grad()
-def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device, dtype):
+def save_sample_grid(net_state, model_cfg, encoders, prompts, path, device, dtype, sigma_data):
     """A grid of samples for fixed prompts, for watching a training run's progress, in its
     precision (dtype as for precision())."""
     text_encoder, vae = (m if m is None else m.to(device) for m in encoders)
     net = build_dit(net_state, dataclasses.asdict(model_cfg), device=device)
     images = generate(net, text_encoder, vae, prompts, seed=0, steps=20, guidance=3.0,
-                      batch_size=16, device=device, dtype=dtype)
+                      batch_size=16, device=device, dtype=dtype, sigma_data=sigma_data)
     grid_image([to_pil(im) for im in images], min(8, len(prompts))).save(path)
     for m in encoders:  # back to the CPU: the training step wants the GPU's memory
         if m is not None:

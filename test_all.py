@@ -2078,10 +2078,14 @@ def test_data_info_and_ensure_demo_data(tmp_path):
     assert prepare_lib.ensure_demo_data(out, master=True, res=8, n=5) == out  # kept: it is there
     assert os.path.getmtime(os.path.join(out, "index.json")) == first
     info = data.data_info(f"{out}:2")
-    assert info["vae"] == "none" and info["clip"] == "tiny-random" and info["pixel_space"]
+    assert info["vae"] == "none" and info["clip"] == "random-words" and info["pixel_space"]
     assert info["resolutions"] == [8] and info["num_samples"] == 5
     assert info["sample_prompts"] == [data.caption_of(data.demo_attributes(0, i))
                                       for i in range(5)]
+    # a folder made with another encoder is refused, not reused with the wrong features
+    with pytest.raises(ValueError, match="holds the shapes set with 'random-words' caption "
+                                         "features, not 'tiny-random': move it away"):
+        prepare_lib.ensure_demo_data(out, res=8, n=5, clip="tiny-random")
 
 
 def test_cli_demo_info_and_errors_from_the_prefetch_thread(tmp_path, capsys):
@@ -3297,6 +3301,78 @@ def test_export_loads_in_sample(train_data, tmp_path):
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
 
 
+def test_data_std_is_the_std_of_the_data(train_data, tmp_path):
+    """data_std against numpy over every value (n above the set's size takes all rows), and
+    a mix of two sources weighted 3:1 against the pooled values of the rows it draws."""
+    values = np.load(Path(train_data) / "shard-00000.images_8.npy").astype(np.float64)
+    assert data.data_std(train_data, 8, n=10**6) == round(values.std(ddof=1), 4)
+    bright = tmp_path / "bright"
+    shutil.copytree(train_data, bright)
+    column = bright / "shard-00000.images_8.npy"
+    np.save(column, np.load(column) * 0.5 + 0.5)  # another scale: the mix must show both
+    mixed = data.data_std(f"{train_data}:3,{bright}:1", 8, n=96, seed=0)
+    rng = np.random.default_rng(0)
+    first = values[np.sort(rng.choice(96, 72, replace=False))]
+    second = np.load(column).astype(np.float64)[np.sort(rng.choice(96, 24, replace=False))]
+    assert mixed == round(np.concatenate([first.ravel(), second.ravel()]).std(ddof=1), 4)
+
+
+def test_sigma_data_is_the_datas_and_travels_with_the_model(train_data, tmp_path, monkeypatch):
+    """A new model trains with its data's std as EDM's sigma_data, records it in its
+    checkpoints and exports, resumes and continues (phase 2) with it, and sampling reads it
+    back; --sigma-data overrides; weights that record none (the released ones) keep 0.9."""
+    import sample
+    seen, real = [], train.edm_loss_per_sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["sigma_data"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "edm_loss_per_sample", spy)
+    std = data.data_std(train_data, 8)
+    assert 0.5 < std < 0.9  # the shapes' pixels in [-1, 1]: not the released latents' 0.9
+    train.main(train_args(train_data, tmp_path / "a", "--steps", "3"))
+    assert set(seen) == {std}
+    assert final_checkpoint(tmp_path / "a")["sigma_data"] == std
+    train.main(train_args(train_data, tmp_path / "a", "--steps", "4"))  # a resume
+    train.main(train_args(train_data, tmp_path / "a", "--phase", "2", "--steps", "1"))
+    assert set(seen) == {std} and final_checkpoint(tmp_path / "a", 2)["sigma_data"] == std
+    export = str(tmp_path / "a.safetensors")
+    train.main(train_args(train_data, tmp_path / "a", "--phase", "2", "--export", export))
+    assert checkpoint.load_dit(export)[1]["sigma_data"] == std
+    assert sample.load_pipeline(export, device="cpu").sigma_data == std
+    seen.clear()
+    train.main(train_args(train_data, tmp_path / "b", "--steps", "1", "--sigma-data", "0.5"))
+    assert seen == [0.5] and final_checkpoint(tmp_path / "b")["sigma_data"] == 0.5
+    seen.clear()
+    bare = tmp_path / "bare.pt"  # like a released .pt: a state_dict, nothing recorded
+    torch.save(final_checkpoint(tmp_path / "b")["model"], bare)
+    train.main(train_args(train_data, tmp_path / "c", "--steps", "1", "--init", str(bare)))
+    assert seen == [0.9] and final_checkpoint(tmp_path / "c")["sigma_data"] == 0.9
+    with pytest.raises(SystemExit, match="--sigma-data 0.0: must be positive"):
+        train.cli(train_args(train_data, tmp_path / "d", "--sigma-data", "0"))
+
+
+def test_sampling_uses_the_models_sigma_data(pixel_checkpoint):
+    """generate() denoises with the sigma_data it is given: the same as heun_sample with
+    that EDMConfig, and another image than with 0.9."""
+    import sample
+    from diffusion import EDMConfig
+    from text import TINY_RANDOM, load_text_encoder
+    net, _ = checkpoint.load_dit(str(pixel_checkpoint))
+    encoder = load_text_encoder(TINY_RANDOM)
+    images = sample.generate(net, encoder, None, ["a red circle"], seed=1, steps=3,
+                             guidance=2.0, batch_size=1, device="cpu", sigma_data=0.5)
+    size = net.cfg.input_size
+    noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    direct = heun_sample(net, noise, encoder.encode(["a red circle"]), 3, 2.0,
+                         EDMConfig(sigma_data=0.5))
+    assert torch.equal(images, (direct / 2 + 0.5).clamp(0, 1))
+    assert not torch.equal(images, sample.generate(net, encoder, None, ["a red circle"], seed=1,
+                                                   steps=3, guidance=2.0, batch_size=1,
+                                                   device="cpu"))
+
+
 def test_sample_refuses_bad_numbers_with_a_message(pixel_checkpoint, tmp_path, capsys):
     import sample
     base = ["a cat", "--ckpt", str(pixel_checkpoint), "--out", str(tmp_path), "--steps", "2"]
@@ -4369,7 +4445,9 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     # held-out loss: the mean over the fixed noise levels, recomputed here by hand
     from checkpoint import load_dit
     folder = Path(folder_of(results[0])) / "phase1"
-    net, _ = load_dit(checkpoint.checkpoints(str(folder))[-1])
+    net, info = load_dit(checkpoint.checkpoints(str(folder))[-1])
+    sigma_data = info["sigma_data"]  # the data's std, which the run trained with
+    assert sigma_data == data.data_std(str(out / "data"), 16)
     # on 256 held-out images none of whose captions is a training image's
     seen = {c for m in shard_manifests(out / "data") for c in m["captions"]}
     drawn = [c for m in shard_manifests(out / "held_out_640") for c in m["captions"]]
@@ -4383,8 +4461,8 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     with torch.no_grad():
         for sigma in experiments.HELD_OUT_SIGMAS:
             noise = torch.randn(x.shape, generator=g)
-            D = denoise(net.eval(), x + sigma * noise, sigma, y)
-            weight = (sigma ** 2 + 0.9 ** 2) / (sigma * 0.9) ** 2
+            D = denoise(net.eval(), x + sigma * noise, sigma, y, sigma_data=sigma_data)
+            weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
             expected.append(float((weight * (D - x) ** 2).mean()))
     assert results[0]["held_out_loss"] == pytest.approx(np.mean(expected), rel=1e-4)
 
@@ -4441,8 +4519,8 @@ def test_train_matches_the_reference_trainer_within_the_seed_spread(tmp_path, mo
         rows = experiments.unseen_rows(held_out, shapes, 128)
 
         def score(path):
-            net, _ = load_dit(path)
-            return experiments.held_out_loss(net, held_out, rows)[1]
+            net, info = load_dit(path)
+            return experiments.held_out_loss(net, held_out, rows, info["sigma_data"])[1]
 
         def train_py(seed, name):
             out = tmp_path / f"{name}{seed}"
@@ -4469,8 +4547,9 @@ def test_train_matches_the_reference_trainer_within_the_seed_spread(tmp_path, mo
         monkeypatch.setattr(train, "edm_loss_per_sample", phase_3_noise)
         broken = [train_py(seed, "broken") for seed in range(2)]
 
-        untrained, _ = load_dit(str(tmp_path / "reference0.pt"))
-        untrained = experiments.held_out_loss(MicroDiT(untrained.cfg).eval(), held_out, rows)[1]
+        untrained, info = load_dit(str(tmp_path / "reference0.pt"))
+        untrained = experiments.held_out_loss(MicroDiT(untrained.cfg).eval(), held_out, rows,
+                                              info["sigma_data"])[1]
     finally:
         torch.set_num_threads(threads)
     mid = [experiments.HELD_OUT_SIGMAS.index(s) for s in (0.5, 1.0, 2.0)]

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from checkpoint import (PREEMPTED, Checkpointer, CheckpointWriteError, Log, StopSignals,
                         environment, export_weights, latest_note, model_config, phase_dir,
                         record_run, restore, shard_as, starting_point, take_run_lock)
-from data import LatentLoader, absolute_sources, data_info
-from diffusion import SIGMA_BUCKETS, edm_loss_per_sample, sigma_bucket
+from data import LatentLoader, absolute_sources, data_info, data_std
+from diffusion import SIGMA_BUCKETS, SIGMA_DATA, edm_loss_per_sample, sigma_bucket
 from model import (PRECISIONS, PRESETS, DiTConfig, MicroDiT, count_params, precision,
                    train_flops_per_image)
 from parallel import (COMPILE_MODES, OUT_OF_MEMORY_ADVICE, accumulating, clip_in_optimizer,
@@ -70,7 +70,9 @@ DEMO = dict(res=16, mask_ratio=0.0, p_mean=0.0, steps=1500, lr=1e-3, warmup=100,
             data="demo")
 # what a run trains with besides the phase's recipe; a resumed run keeps its checkpoint's
 # values of all these unless the command line sets them again
-RUN_DEFAULTS = dict(batch_size=2048, weight_decay=0.1, aux_loss_weight=0.01, seed=0)
+# (sigma_data None: the starting weights' value, else the data's std; see load_data)
+RUN_DEFAULTS = dict(batch_size=2048, weight_decay=0.1, aux_loss_weight=0.01, seed=0,
+                    sigma_data=None)
 RECIPE_KEYS = (*[k for k in PHASES[1] if k != "init"], "base_res", *RUN_DEFAULTS, "data")
 DATA_FIELDS = ("in_channels", "input_size", "caption_channels", "pos_interp_scale")
 SAMPLE_PROMPTS = ["a photo of a cat", "a red sports car on a mountain road",
@@ -103,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     p.add_argument("--aux-loss-weight", type=float, help="token-choice MoE only (default 0.01)")
     p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--sigma-data", type=float, help="EDM's data std (default: the starting "
+                   "weights', 0.9 for the released ones; a new model: the data's own std)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
@@ -200,6 +204,7 @@ def check_numbers(run):
         need(run[key] >= 0, key, "must be 0 or more")
     for key in ("grad_clip", "p_std"):
         need(run[key] > 0, key, "must be positive")
+    need(run["sigma_data"] is None or run["sigma_data"] > 0, "sigma_data", "must be positive")
     need(0 <= run["mask_ratio"] < 1, "mask_ratio", "must be in [0, 1): the share of patches "
          "dropped")
     need(0 <= run["ema_decay"] < 1, "ema_decay", "must be in [0, 1) (0: no EMA)")
@@ -252,6 +257,9 @@ def load_data(run, start, rank, world, device, master):
         own = DiTConfig.from_dict(start["model_config"])
         grid = own.input_size / own.pos_interp_scale                   # latents per side
         run["base_res"] = round(grid * run["res"] / loader.latent_shape[1])
+    if run["sigma_data"] is None:  # EDM's scale: a new model's is its data's std
+        run["sigma_data"] = (data_std(run["data"], run["res"]) if start is None
+                             else start.get("sigma_data") or SIGMA_DATA)
     return loader, data_info(run["data"])
 
 
@@ -336,7 +344,8 @@ def train_step(model, net, optimizer, batches, run, step, accum=1, rank=0, world
         with accumulating(model, net, sync=micro == accum - 1 or world == 1), autocast:
             per_sample, sigma = edm_loss_per_sample(model, x, y, run["mask_ratio"],
                                                     run["p_mean"], run["p_std"],
-                                                    generator=generator)
+                                                    generator=generator,
+                                                    sigma_data=run["sigma_data"])
             loss = per_sample.mean()
             if net.cfg.moe_routing == "token_choice":
                 aux = net.aux_loss()
@@ -463,14 +472,14 @@ def train(s, exit_stack):
                 "step": step, "phase_step": step - s.phase_start, "phase_start": s.phase_start,
                 "model_config": dataclasses.asdict(s.model_cfg), "config": run,
                 "loader": s.loader.state_dict(), "vae": s.info.get("vae"),
-                "clip": s.info.get("clip")})
+                "clip": s.info.get("clip"), "sigma_data": run["sigma_data"]})
         elif sample_now:
             weights = saver.weights(net, ema)
         if s.master and sample_now:
             saver.landed()  # the grid may read the snapshot's buffers
             path = os.path.join(s.folder, f"samples_{step:09d}.png")
             save_sample_grid(weights[1] or weights[0], s.model_cfg, s.encoders, s.prompts, path,
-                             s.device, run["dtype"])
+                             s.device, run["dtype"], run["sigma_data"])
             tqdm.write(f"step {step}: samples in {path}")
         if stop_by is not None:
             finish(s, bar, f"stopped by {stop_by} at step {step}, phase {run['phase']} not "
