@@ -20,9 +20,9 @@ side: the variants take turns, one timed step each, and each figure is the media
 turns, so a slow spell of a noisy machine hits both alike. The training step is train.py's
 own train_step (seeded noise, EDM loss with masking, backward, the clip inside the fused
 AdamW, the statistics it logs, the same precision rule) on one batch of random latents,
-without the loop around it (data loading, logging: train.py's log.jsonl times those). MFU is model FLOPs
-(model.py's count, forward + backward) per second over the device's dense bf16 peak; it is
-reported on CUDA, or anywhere with --peak-tflops.
+without the loop around it (data loading, logging: train.py's log.jsonl times those). MFU
+is model FLOPs (model.py's count, forward + backward) per second over the device's dense
+bf16 peak; it is reported on CUDA, or anywhere with --peak-tflops.
 """
 import argparse
 import collections

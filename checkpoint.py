@@ -504,6 +504,17 @@ class Checkpointer:
 
 # ----------------------------------------------------------------------------- starting a phase
 
+def load_start_weights(net, state):
+    """A phase's starting weights into net, all but pos_embed, a function of the resolution
+    (the 512px phases rebuild their own); anything else missing would train from noise."""
+    missing, unexpected = net.load_state_dict(
+        {k: v for k, v in state.items() if k != "pos_embed"}, strict=False)
+    if missing != ["pos_embed"] or unexpected:
+        raise ValueError(f"the starting weights do not fit the model: missing "
+                         f"{[k for k in missing if k != 'pos_embed'][:4]}, unexpected "
+                         f"{unexpected[:4]}")
+
+
 def restore(start, resume, carry_optimizer, net, optimizer, loader, rank, weight_decay):
     """(step, phase_start, EMA state or None) of a phase starting from `start`, with the
     optimizer state loaded where it carries on: on a resume (which also restores the
@@ -847,7 +858,17 @@ class StopSignals:
         return self.NAMES[agreed - 1] if agreed else None
 
 
-def take_run_lock(exit_stack, out, phase):
+def take_run_lock(exit_stack, out, phase, master=True, world=1):
+    """Rank 0 takes the phase's lock (phase_lock) before anything is read, and every rank
+    stops with its message if the phase is another run's."""
+    refused = [phase_lock(exit_stack, out, phase) if master else None]
+    if world > 1:
+        dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        sys.exit(refused[0])
+
+
+def phase_lock(exit_stack, out, phase):
     """An exclusive lock on a phase of a run, held until `exit_stack` closes: a
     second run on the same --out (started twice by hand, or requeued by a scheduler while
     the first is still alive) would resume from the same checkpoint and overwrite the other's

@@ -6,11 +6,13 @@ train.py runs the same code under `python train.py` and `torchrun ... train.py`:
 process group, the device and this rank's place come from the environment torchrun sets.
 """
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -125,3 +127,26 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def command_line(main, *expected):
+    """main(argv) as a command: a missing file, a bad flag or input (FileNotFoundError,
+    ValueError, the `expected` errors) or running out of GPU memory said in a message
+    instead of a stack trace. Under torchrun the message also goes to the rank's error file,
+    so that torchrun's summary of a failed job names the cause instead of
+    `error_file: <N/A>`; any other exception goes there with its traceback (@record)."""
+    @record
+    def cli(argv=None):
+        try:
+            return main(argv)
+        except SystemExit as e:  # main's own stops (non-finite steps, a phase not finished)
+            if isinstance(e.code, str):
+                get_error_handler().record_exception(e)
+            raise
+        except (FileNotFoundError, ValueError, *expected) as e:
+            get_error_handler().record_exception(e)
+            sys.exit(f"error: {e}")
+        except torch.cuda.OutOfMemoryError as e:
+            get_error_handler().record_exception(e)
+            sys.exit(f"{str(e).splitlines()[0]}\n\n{OUT_OF_MEMORY_ADVICE}")
+    return cli

@@ -18,7 +18,8 @@ import sys
 import torch
 from PIL import Image, PngImagePlugin
 
-from checkpoint import RELEASED_CKPT, RELEASED_REPO, build_dit, download_instructions, read_checkpoint
+from checkpoint import (RELEASED_CKPT, RELEASED_REPO, build_dit, download_instructions,
+                        read_checkpoint)
 from diffusion import SIGMA_DATA, EDMConfig, heun_sample
 from model import PRESETS, precision
 from text import DEFAULT_CLIP, load_text_encoder
@@ -28,6 +29,9 @@ from vae import load_vae
 DEFAULT_VAES = {4: "stabilityai/stable-diffusion-xl-base-1.0", 16: "ostris/vae-kl-f8-d16"}
 PIXEL_SPACE = "none"  # --vae none: the model works on pixels directly
 Pipeline = collections.namedtuple("Pipeline", "net text_encoder vae device sigma_data")
+# train.py's sample grids, for data that records no captions of its own
+SAMPLE_PROMPTS = ["a photo of a cat", "a red sports car on a mountain road",
+                  "a bowl of fruit on a wooden table", "an astronaut riding a horse"]
 GUIDANCE_MEANING = "1: none, 0: the unconditional model alone, above 1: more guidance"
 
 

@@ -2747,9 +2747,8 @@ def test_torchrun_error_file_names_the_cause(train_data, tmp_path, monkeypatch):
     def broken(argv=None):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(train, "main", broken)
-    with pytest.raises(RuntimeError, match="a bug"):
-        train.cli([])
+    with pytest.raises(RuntimeError, match="a bug"):  # train.cli is main under command_line
+        parallel.command_line(broken, checkpoint.CheckpointWriteError)([])
     recorded = json.loads(error_file.read_text())["message"]
     assert recorded["message"] == "RuntimeError: a bug"
     assert "in broken" in recorded["extraInfo"]["py_callstack"]

@@ -4,17 +4,12 @@
     torchrun --nproc_per_node=8 train.py --phase 1 --preset MicroDiT_XL_2 --data DIR --out runs/xl
     torchrun --nproc_per_node=8 train.py --phase 2 --out runs/xl   # phase 1's end, and its data
 
-Rerunning a command resumes from the phase's latest checkpoint, with the recipe the
-checkpoint was trained with except what the command line sets again. SIGTERM or SIGUSR1 (a
-scheduler about to kill the job) saves a checkpoint at the next log point and exits with
-status 75: rerun with --resume.
-
-The loop, top to bottom: learning rate, train_step (micro-steps, clip, AdamW), EMA, log,
-checkpoint and samples. The same file runs as one process or under torchrun (DDP, or FSDP
-with --fsdp; NCCL on GPU, gloo on CPU). Every random draw of a micro-batch (noise levels,
-noise, kept patches) comes from one generator seeded by (seed, step, micro-batch index in
-the global batch), so a run resumes exactly and gives the same weights on any number of
-processes for the same global batch.
+Read top to bottom: the recipe (PHASES), the arguments, the stages that set a run up, one
+optimizer step (train_step) and the loop (train). Rerunning a command resumes from the
+phase's latest checkpoint; SIGTERM or SIGUSR1 saves one at the next log point and exits 75.
+One process or torchrun (DDP, or FSDP with --fsdp). Every random draw of a micro-batch
+comes from one generator seeded by (seed, step, its index in the global batch), so a run
+resumes exactly and gives the same weights on any number of processes.
 """
 import argparse
 import dataclasses
@@ -28,22 +23,22 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from checkpoint import (PREEMPTED, Checkpointer, CheckpointWriteError, Log, StopSignals,
-                        environment, export_weights, latest_note, model_config, phase_dir,
-                        record_run, restore, shard_as, starting_point, take_run_lock)
+                        environment, export_weights, latest_note, load_start_weights,
+                        model_config, phase_dir, record_run, restore, shard_as, starting_point,
+                        take_run_lock)
 from data import LatentLoader, absolute_sources, data_info, data_std
 from diffusion import SIGMA_BUCKETS, SIGMA_DATA, edm_loss_per_sample, sigma_bucket
 from model import (PRECISIONS, PRESETS, DiTConfig, MicroDiT, count_params, precision,
                    train_flops_per_image)
-from parallel import (COMPILE_MODES, OUT_OF_MEMORY_ADVICE, accumulating, clip_in_optimizer,
+from parallel import (COMPILE_MODES, accumulating, clip_in_optimizer, command_line,
                       inductor_options, peak_flops, setup_distributed, shard, wrap)
 from prepare import ensure_demo_data
-from sample import grid_encoders, save_sample_grid
+from sample import SAMPLE_PROMPTS, grid_encoders, save_sample_grid
 from text import RANDOM_WORDS
 
 # The paper's recipe: steps, warmup and EMA start count from the start of the phase;
@@ -68,15 +63,12 @@ PHASES = {
 DEMO = dict(res=16, mask_ratio=0.0, p_mean=0.0, steps=1500, lr=1e-3, warmup=100, micro_batch=64,
             schedule="cosine", min_lr_ratio=0.1, ema_decay=0.995, ema_start=500, batch_size=64,
             data="demo")
-# what a run trains with besides the phase's recipe; a resumed run keeps its checkpoint's
-# values of all these unless the command line sets them again
-# (sigma_data None: the starting weights' value, else the data's std; see load_data)
+# what a run trains with besides the phase's recipe (sigma_data None: see load_data); a
+# resumed run keeps its checkpoint's values of all these unless the command line sets them
 RUN_DEFAULTS = dict(batch_size=2048, weight_decay=0.1, aux_loss_weight=0.01, seed=0,
                     sigma_data=None)
 RECIPE_KEYS = (*[k for k in PHASES[1] if k != "init"], "base_res", *RUN_DEFAULTS, "data")
 DATA_FIELDS = ("in_channels", "input_size", "caption_channels", "pos_interp_scale")
-SAMPLE_PROMPTS = ["a photo of a cat", "a red sports car on a mountain road",
-                  "a bowl of fruit on a wooden table", "an astronaut riding a horse"]
 
 
 def parse_args(argv=None):
@@ -141,10 +133,9 @@ def resolve_config(args):
     run = dict(PHASES[args.phase], phase=args.phase, base_res=PHASES[1]["res"], **RUN_DEFAULTS,
                preset=args.preset or ("MicroDiT_CPU_2" if args.demo else "MicroDiT_XL_2"))
     if args.demo and args.phase != 1:
-        raise ValueError(f"--demo is a phase-1 recipe (the CPU demo); mixing it with phase "
-                         f"{args.phase}'s values would train neither. For phase {args.phase} "
-                         f"of the demo run, drop --demo and give its --out and --data demo "
-                         f"(and --steps, --batch-size, --micro-batch to fit a CPU)")
+        raise ValueError(f"--demo is a phase-1 recipe: for phase {args.phase} of the demo run, "
+                         f"drop --demo and give its --out and --data demo (and --steps, "
+                         f"--batch-size, --micro-batch to fit a CPU)")
     if args.demo:
         run.update(DEMO)
     run.update({k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k, None) is not None})
@@ -241,11 +232,11 @@ def batch_arithmetic(global_batch, micro_batch, world_size):
 def load_data(run, start, rank, world, device, master):
     """The loader of this rank's micro-batches, and what the data records (encoders, ...)."""
     if not run["data"]:
-        sys.exit("no training data: give --data, a folder made by `python prepare.py` "
-                 "(or 'DIR_A:0.6,DIR_B:0.4' to mix several, MDS folders included), or "
-                 "--data demo for the built-in shapes set (--demo runs the whole CPU demo)")
+        sys.exit("no training data: give --data, a folder made by `python prepare.py` (or "
+                 "'DIR_A:0.6,DIR_B:0.4' to mix several), or --data demo for the shapes set")
     if run["data"] == "demo":  # one folder per resolution: a later --res finds its own
-        folder = os.path.abspath(os.path.join(run["out"], f"demo_data_{run['res']}px_{RANDOM_WORDS}"))
+        name = f"demo_data_{run['res']}px_{RANDOM_WORDS}"
+        folder = os.path.abspath(os.path.join(run["out"], name))
         run["data"] = ensure_demo_data(folder, master, res=run["res"])
         if world > 1:
             dist.barrier()
@@ -257,7 +248,8 @@ def load_data(run, start, rank, world, device, master):
         own = DiTConfig.from_dict(start["model_config"])
         grid = own.input_size / own.pos_interp_scale                   # latents per side
         run["base_res"] = round(grid * run["res"] / loader.latent_shape[1])
-    if run["sigma_data"] is None:  # EDM's scale: a new model's is its data's std
+    if run["sigma_data"] is None:  # not given: the starting weights' (0.9: the released
+        # models'), or for a new model the std of its data, which EDM's scaling assumes
         run["sigma_data"] = (data_std(run["data"], run["res"]) if start is None
                              else start.get("sigma_data") or SIGMA_DATA)
     return loader, data_info(run["data"])
@@ -271,13 +263,7 @@ def build(run, model_cfg, start, resume, loader, device, rank, world):
     torch.manual_seed(run["seed"] + rank)
     net.activation_checkpointing = run["activation_checkpointing"]
     if start is not None:
-        # pos_embed is a function of the resolution: the 512px phase rebuilds its own
-        missing, unexpected = net.load_state_dict(
-            {k: v for k, v in start["model"].items() if k != "pos_embed"}, strict=False)
-        if missing != ["pos_embed"] or unexpected:  # anything else would train from noise
-            raise ValueError(f"the starting weights do not fit the model: missing "
-                             f"{[k for k in missing if k != 'pos_embed'][:4]}, unexpected "
-                             f"{unexpected[:4]}")
+        load_start_weights(net, start["model"])
     if run["fsdp"] and world > 1:
         shard(net, world, device)
     # fused: one kernel for all parameters, on CUDA and CPU (BENCHMARKS.md)
@@ -385,12 +371,7 @@ def setup(args, run, exit_stack):
     """Everything the loop needs, as a namespace: the stages above, in order."""
     rank, world, local_rank, device = setup_distributed()
     master = rank == 0
-    # rank 0 takes the phase before reading anything, and every rank hears whether it did
-    refused = [take_run_lock(exit_stack, run["out"], run["phase"]) if master else None]
-    if world > 1:
-        dist.broadcast_object_list(refused, src=0)
-    if refused[0]:
-        sys.exit(refused[0])
+    take_run_lock(exit_stack, run["out"], run["phase"], master, world)
     given = {k for k in RECIPE_KEYS if getattr(args, k, None) is not None}
     run, start, resume = starting_point(run, given, args.resume, master, PHASES, RECIPE_KEYS)
     loader, info = load_data(run, start, rank, world, device, master)
@@ -410,21 +391,18 @@ def setup(args, run, exit_stack):
         record_run(folder, step, {"run": run, "model": dataclasses.asdict(model_cfg),
                                   "world_size": world, "accumulation": accum,
                                   **environment(device)})
-        print(json.dumps(run, indent=2))
-        print(model_cfg)
-        if run["fsdp"] and world == 1:
-            print("--fsdp: one process has nothing to shard over; training unsharded")
-        print(f"{count_params(net):,} parameters; global batch {run['batch_size']} = micro-batch "
-              f"{run['micro_batch']} x {world} processes"
-              f"{' (FSDP)' if isinstance(net, FSDPModule) else ''} x {accum} accumulation "
-              f"steps; {flops_per_image / 1e9:.1f} GFLOPs per training image; starting at "
-              f"step {step}")
+        sharding = (" (FSDP)" if isinstance(net, FSDPModule)
+                    else " (no FSDP: one process has nothing to shard)" if run["fsdp"] else "")
+        print(f"{json.dumps(run, indent=2)}\n{model_cfg}\n{count_params(net):,} parameters; "
+              f"global batch {run['batch_size']} = micro-batch {run['micro_batch']} x {world} "
+              f"processes{sharding} x {accum} accumulation steps; {flops_per_image / 1e9:.1f} "
+              f"GFLOPs per training image; starting at step {step}")
     return SimpleNamespace(
         run=run, model_cfg=model_cfg, net=net, model=model, optimizer=optimizer, ema=ema,
         step=step, phase_start=phase_start, loader=loader, accum=accum, info=info,
         rank=rank, world=world, device=device, master=master, folder=folder,
         autocast=precision(device, run["dtype"])[0], encoders=encoders,
-        prompts=info.get("sample_prompts") or SAMPLE_PROMPTS,
+        prompts=info.get("sample_prompts") or SAMPLE_PROMPTS,  # the data's own captions
         log=Log(os.path.join(folder, "log.jsonl"), step, run, model_cfg, flops_per_image,
                 peak_flops(device), world, master),
         saver=Checkpointer(folder, run["keep"], device, master, world))
@@ -516,25 +494,7 @@ def finish(s, bar, message, status=1):
         sys.exit(status)
 
 
-@record  # under torchrun: any other exception goes to the error file, traceback included
-def cli(argv=None):
-    """main(), with a missing file, a bad flag or input, a checkpoint that cannot be written
-    or running out of GPU memory said in a message instead of a stack trace. Under torchrun
-    the message also goes to the rank's error file, so that torchrun's summary of a failed
-    job names the cause instead of `error_file: <N/A>`."""
-    try:
-        main(argv)
-    except SystemExit as e:  # main's own stops (non-finite steps, a phase not finished, ...)
-        if isinstance(e.code, str):
-            get_error_handler().record_exception(e)
-        raise
-    except (FileNotFoundError, ValueError, CheckpointWriteError) as e:  # in the message
-        get_error_handler().record_exception(e)
-        sys.exit(f"error: {e}")
-    except torch.cuda.OutOfMemoryError as e:
-        get_error_handler().record_exception(e)
-        sys.exit(f"{str(e).splitlines()[0]}\n\n{OUT_OF_MEMORY_ADVICE}")
-
+cli = command_line(main, CheckpointWriteError)  # main(), bad input said in a message
 
 if __name__ == "__main__":
     cli()
