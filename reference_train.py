@@ -54,7 +54,8 @@ def main(argv=None):
     p.add_argument("--p-mean", type=float, default=-0.6, help="ln(sigma) ~ N(p_mean, p_std^2)")
     p.add_argument("--p-std", type=float, default=1.2)
     p.add_argument("--mask-ratio", type=float, default=0.0)
-    p.add_argument("--sigma-data", type=float, help="EDM's data std (default: the data's)")
+    p.add_argument("--sigma-data", type=float, default=0.9, help="EDM's data std (0: the "
+                   "data's own, measured)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", choices=PRESETS, default="MicroDiT_CPU_2")
     p.add_argument("--model", default="{}", help='JSON of DiTConfig overrides: \'{"depth": 2}\'')
@@ -79,7 +80,7 @@ def main(argv=None):
                                "in_channels": shape[0], "input_size": shape[1],
                                "caption_channels": caption_shape[-1]})  # the data's sizes
     net = MicroDiT(cfg).to(device)
-    sigma_data = args.sigma_data or data_std(args.data, args.res)
+    sigma_data = args.sigma_data or data_std(args.data, args.res)  # train.py's 'data' 
     print(f"{cfg}\n{count_params(net):,} parameters")
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=args.weight_decay)

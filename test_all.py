@@ -2834,9 +2834,9 @@ def test_every_micro_batch_and_step_draws_its_own_noise(train_data, tmp_path, mo
     seeds, kept = [], []
     real_loss, real_ids = train.edm_loss_per_sample, model_lib.random_ids_keep
 
-    def loss_spy(net, x, y, mask_ratio, p_mean, p_std, generator):
+    def loss_spy(net, x, y, mask_ratio, p_mean, p_std, generator, **kw):
         seeds.append(generator.initial_seed())
-        return real_loss(net, x, y, mask_ratio, p_mean, p_std, generator)
+        return real_loss(net, x, y, mask_ratio, p_mean, p_std, generator, **kw)
 
     def ids_spy(*a, **kw):
         kept.append(real_ids(*a, **kw))
@@ -3316,10 +3316,11 @@ def test_data_std_is_the_std_of_the_data(train_data, tmp_path):
     assert mixed == round(np.concatenate([first.ravel(), second.ravel()]).std(ddof=1), 4)
 
 
-def test_sigma_data_is_the_datas_and_travels_with_the_model(train_data, tmp_path, monkeypatch):
-    """A new model trains with its data's std as EDM's sigma_data, records it in its
+def test_sigma_data_travels_with_the_model(train_data, tmp_path, monkeypatch):
+    """--sigma-data data trains with the data's std as EDM's sigma_data, records it in the
     checkpoints and exports, resumes and continues (phase 2) with it, and sampling reads it
-    back; --sigma-data overrides; weights that record none (the released ones) keep 0.9."""
+    back; a number sets it; a new model without the flag, and weights that record none (the
+    released ones), train with the paper's 0.9."""
     import sample
     seen, real = [], train.edm_loss_per_sample
 
@@ -3330,10 +3331,10 @@ def test_sigma_data_is_the_datas_and_travels_with_the_model(train_data, tmp_path
     monkeypatch.setattr(train, "edm_loss_per_sample", spy)
     std = data.data_std(train_data, 8)
     assert 0.5 < std < 0.9  # the shapes' pixels in [-1, 1]: not the released latents' 0.9
-    train.main(train_args(train_data, tmp_path / "a", "--steps", "3"))
+    train.main(train_args(train_data, tmp_path / "a", "--steps", "3", "--sigma-data", "data"))
     assert set(seen) == {std}
     assert final_checkpoint(tmp_path / "a")["sigma_data"] == std
-    train.main(train_args(train_data, tmp_path / "a", "--steps", "4"))  # a resume
+    train.main(train_args(train_data, tmp_path / "a", "--steps", "4"))  # a resume, no flag
     train.main(train_args(train_data, tmp_path / "a", "--phase", "2", "--steps", "1"))
     assert set(seen) == {std} and final_checkpoint(tmp_path / "a", 2)["sigma_data"] == std
     export = str(tmp_path / "a.safetensors")
@@ -3348,7 +3349,10 @@ def test_sigma_data_is_the_datas_and_travels_with_the_model(train_data, tmp_path
     torch.save(final_checkpoint(tmp_path / "b")["model"], bare)
     train.main(train_args(train_data, tmp_path / "c", "--steps", "1", "--init", str(bare)))
     assert seen == [0.9] and final_checkpoint(tmp_path / "c")["sigma_data"] == 0.9
-    with pytest.raises(SystemExit, match="--sigma-data 0.0: must be positive"):
+    seen.clear()
+    train.main(train_args(train_data, tmp_path / "e", "--steps", "1"))
+    assert seen == [0.9] and final_checkpoint(tmp_path / "e")["sigma_data"] == 0.9
+    with pytest.raises(SystemExit, match="--sigma-data 0.0: must be positive, or 'data'"):
         train.cli(train_args(train_data, tmp_path / "d", "--sigma-data", "0"))
 
 
@@ -4445,8 +4449,8 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     from checkpoint import load_dit
     folder = Path(folder_of(results[0])) / "phase1"
     net, info = load_dit(checkpoint.checkpoints(str(folder))[-1])
-    sigma_data = info["sigma_data"]  # the data's std, which the run trained with
-    assert sigma_data == data.data_std(str(out / "data"), 16)
+    sigma_data = info["sigma_data"]  # the one the run trained with
+    assert sigma_data == 0.9
     # on 256 held-out images none of whose captions is a training image's
     seen = {c for m in shard_manifests(out / "data") for c in m["captions"]}
     drawn = [c for m in shard_manifests(out / "held_out_640") for c in m["captions"]]

@@ -57,9 +57,8 @@ PHASES = {
             min_lr_ratio=1.0, grad_clip=0.5, p_mean=0.0, p_std=0.6, ema_decay=0.9975,
             ema_start=1_000, micro_batch=16, init="full"),
 }
-# the CPU demo: phase 1 shrunk to minutes on 2 cores. No masking (at 64 patches it saves
-# little and slows learning) and P_mean 0 (more training at the noise levels where the layout
-# is decided); every value can still be overridden
+# the CPU demo: phase 1 shrunk to minutes on 2 cores, without masking (at 64 patches it
+# saves little and slows learning) and with P_mean 0; every value can be overridden
 DEMO = dict(res=16, mask_ratio=0.0, p_mean=0.0, steps=1500, lr=1e-3, warmup=100, micro_batch=64,
             schedule="cosine", min_lr_ratio=0.1, ema_decay=0.995, ema_start=500, batch_size=64,
             data="demo")
@@ -97,8 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     p.add_argument("--aux-loss-weight", type=float, help="token-choice MoE only (default 0.01)")
     p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--sigma-data", type=float, help="EDM's data std (default: the starting "
-                   "weights', 0.9 for the released ones; a new model: the data's own std)")
+    p.add_argument("--sigma-data", type=lambda text: text if text == "data" else float(text),
+                   help="EDM's data std, or 'data': the data's own, measured (default: a "
+                   "checkpoint's own, else 0.9)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
@@ -195,7 +195,8 @@ def check_numbers(run):
         need(run[key] >= 0, key, "must be 0 or more")
     for key in ("grad_clip", "p_std"):
         need(run[key] > 0, key, "must be positive")
-    need(run["sigma_data"] is None or run["sigma_data"] > 0, "sigma_data", "must be positive")
+    need(run["sigma_data"] in (None, "data") or run["sigma_data"] > 0, "sigma_data",
+         "must be positive, or 'data'")
     need(0 <= run["mask_ratio"] < 1, "mask_ratio", "must be in [0, 1): the share of patches "
          "dropped")
     need(0 <= run["ema_decay"] < 1, "ema_decay", "must be in [0, 1) (0: no EMA)")
@@ -248,10 +249,9 @@ def load_data(run, start, rank, world, device, master):
         own = DiTConfig.from_dict(start["model_config"])
         grid = own.input_size / own.pos_interp_scale                   # latents per side
         run["base_res"] = round(grid * run["res"] / loader.latent_shape[1])
-    if run["sigma_data"] is None:  # not given: the starting weights' (0.9: the released
-        # models'), or for a new model the std of its data, which EDM's scaling assumes
-        run["sigma_data"] = (data_std(run["data"], run["res"]) if start is None
-                             else start.get("sigma_data") or SIGMA_DATA)
+    if run["sigma_data"] in (None, "data"):  # None: the start's own, else 0.9 (README)
+        run["sigma_data"] = (data_std(run["data"], run["res"]) if run["sigma_data"] == "data"
+                             else (start or {}).get("sigma_data") or SIGMA_DATA)
     return loader, data_info(run["data"])
 
 
