@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SIGMA_DATA = 0.9  # the released models' value; a run of ours records its data's own std
+SIGMA_DATA = 0.9  # the paper's; a run records the one it trained with (train.py --sigma-data)
 SIGMA_BUCKETS = [0.1, 0.5, 1.0, 2.0, 5.0]  # edges of the noise levels the loss is logged by
 
 

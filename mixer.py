@@ -17,10 +17,13 @@ def num_kept(num_tokens, mask_ratio):
 
 def random_ids_keep(batch, num_tokens, mask_ratio, device, generator=None):
     """Indices of the tokens to keep, [N, keep], drawn uniformly without replacement."""
+    keep = num_kept(num_tokens, mask_ratio)
+    if keep < 1:  # the loss over no kept patch is NaN, with a zero gradient
+        raise ValueError(f"mask ratio {mask_ratio} keeps none of {num_tokens} tokens")
     noise = torch.rand(batch, num_tokens, device=device, generator=generator)  # (N, T)
     # ascending: the tokens with the smallest noise are kept
     ids_shuffle = torch.argsort(noise, dim=1)                                  # (N, T)
-    return ids_shuffle[:, :num_kept(num_tokens, mask_ratio)]
+    return ids_shuffle[:, :keep]
 
 
 def keep_tokens(x, ids_keep):

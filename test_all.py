@@ -3121,6 +3121,10 @@ def test_the_largest_mask_ratio_named_keeps_exactly_one_patch(size, patch):
     largest = float(re.search(r"keeps one is (\S+)$", str(refused.value)).group(1))
     assert num_kept(T, largest) == 1 and num_kept(T, math.nextafter(largest, 1)) == 0
     model_lib.check_mask_ratio(cfg, largest)
+    # the masking itself refuses it too, for callers that do not check first
+    assert random_ids_keep(2, T, largest, "cpu").shape == (2, 1)
+    with pytest.raises(ValueError, match=f"keeps none of {T} tokens"):
+        random_ids_keep(2, T, math.nextafter(largest, 1), "cpu")
 
 
 def test_non_finite_weights_are_never_checkpointed(train_data, tmp_path, monkeypatch):
