@@ -38,7 +38,7 @@ from tqdm import tqdm
 import text as text_lib
 import vae as vae_lib
 from data import absolute_sources
-from diffusion import SIGMA_BUCKETS
+from diffusion import SIGMA_BUCKETS, SIGMA_DATA
 from model import PRESETS, DiTConfig, MicroDiT, check_mask_ratio, pos_embed_of, sincos_pos_embed
 
 RELEASED_REPO = "VSehwag24/MicroDiT"
@@ -175,11 +175,17 @@ def weights_of(ckpt, path):
     train.py one (EMA weights preferred) or a bare state_dict (a released .pt)."""
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
-        # sigma_data: None for checkpoints from before it was recorded (0.9, SIGMA_DATA)
-        info = {k: ckpt.get(k) for k in ("vae", "clip", "step", "sigma_data")}
+        info = {k: ckpt.get(k) for k in ("vae", "clip", "step")}
         info["data"] = (ckpt.get("config") or {}).get("data")  # what it was trained on
+        info["sigma_data"] = sigma_data_of(ckpt)
         return check_weights(state, path), ckpt.get("model_config"), info
-    return check_weights(ckpt, path), None, {}
+    return check_weights(ckpt, path), None, {"sigma_data": SIGMA_DATA}
+
+
+def sigma_data_of(record):
+    """The sigma_data a checkpoint (or an export's metadata) was trained with: weights that
+    record none, released or saved before it was recorded, were trained with 0.9."""
+    return record.get("sigma_data") or SIGMA_DATA
 
 
 def check_weights(state, path):
@@ -208,6 +214,7 @@ def read_checkpoint(path):
     except Exception as e:  # SafetensorError on a cut-short or foreign file
         raise ValueError(f"{path}: cannot read it as safetensors weights "
                          f"({type(e).__name__}: {e}); download or export it again") from None
+    info["sigma_data"] = sigma_data_of(info)
     return check_weights(state, path), config, info
 
 

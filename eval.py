@@ -81,7 +81,6 @@ from data import COLORS, POSITIONS, SHAPES, SIZES, ShapeAttributes, caption_of, 
 from data import render_shapes, sample_attributes
 from prepare import IMAGE_EXTENSIONS, process_env, read_coco_captions, resize_center_crop
 from prepare import settings_changes, to_rgb
-from diffusion import SIGMA_DATA
 from inception import INCEPTION_URL, RANDOM, he_init, load_inception, sha256_of
 from sample import GUIDANCE_MEANING, check_device, check_guidance, load_pipeline
 from text import TINY_RANDOM
@@ -612,7 +611,7 @@ def evaluate_shapes(ckpt, n, seed, steps, guidance, device, train_data=None):
     asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
     images = generate(net, text_encoder, None,
                       [caption_of(a) for a in asked], seed=seed, steps=steps, guidance=guidance,
-                      batch_size=64, device=device, sigma_data=info.get("sigma_data") or SIGMA_DATA)
+                      batch_size=64, device=device, sigma_data=info["sigma_data"])
     scores = prompt_following(images, asked)
     real = render_set(asked, images.shape[-1])
     other = render_set(held_out_attributes(np.random.default_rng([seed, 8]), n, seen),

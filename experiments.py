@@ -156,8 +156,7 @@ def evaluate(folder, held_out, rows, images, steps):
         if saved["settings"] == settings:
             return saved["result"]
     net, info = load_dit(ckpt)
-    loss, per_sigma = held_out_loss(net.eval(), held_out, rows,
-                                    info.get("sigma_data") or SIGMA_DATA)
+    loss, per_sigma = held_out_loss(net.eval(), held_out, rows, info["sigma_data"])
     scores, _, _ = evaluate_shapes(ckpt, n=images, seed=1234, steps=steps, guidance=3.0,
                                    device="cpu")
     result = {"held_out_loss": loss, "held_out_per_sigma": per_sigma, **scores}

@@ -203,7 +203,7 @@ def load_pipeline(ckpt, vae_name=None, clip_name=None, device="cpu", preset=None
                          f"{factor}x downsampling times the {patch}x{patch} patches)")
     latent_size = res // factor if res else None
     net = build_dit(state, config, preset, latent_size, device, source=ckpt)
-    return Pipeline(net, text_encoder, vae, device, info.get("sigma_data") or SIGMA_DATA)
+    return Pipeline(net, text_encoder, vae, device, info["sigma_data"])
 
 
 def check_device(device):

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from checkpoint import (PREEMPTED, Checkpointer, CheckpointWriteError, Log, StopSignals,
                         environment, export_weights, latest_note, load_start_weights,
-                        model_config, phase_dir, record_run, restore, shard_as, starting_point,
-                        take_run_lock)
+                        model_config, phase_dir, record_run, restore, shard_as, sigma_data_of,
+                        starting_point, take_run_lock)
 from data import LatentLoader, absolute_sources, data_info, data_std
-from diffusion import SIGMA_BUCKETS, SIGMA_DATA, edm_loss_per_sample, sigma_bucket
+from diffusion import SIGMA_BUCKETS, edm_loss_per_sample, sigma_bucket
 from model import (PRECISIONS, PRESETS, DiTConfig, MicroDiT, count_params, precision,
                    train_flops_per_image)
 from parallel import (COMPILE_MODES, accumulating, clip_in_optimizer, command_line,
@@ -251,7 +251,7 @@ def load_data(run, start, rank, world, device, master):
         run["base_res"] = round(grid * run["res"] / loader.latent_shape[1])
     if run["sigma_data"] in (None, "data"):  # None: the start's own, else 0.9 (README)
         run["sigma_data"] = (data_std(run["data"], run["res"]) if run["sigma_data"] == "data"
-                             else (start or {}).get("sigma_data") or SIGMA_DATA)
+                             else sigma_data_of(start or {}))
     return loader, data_info(run["data"])
 
 
