@@ -622,6 +622,18 @@ def evaluate_shapes(ckpt, n, seed, steps, guidance, device, train_data=None):
     return scores, images, asked
 
 
+def shapes_calibration(n, seed, seen, res):
+    """The shapes metrics' two ends, on the captions evaluate_shapes(n, seed) asks for:
+    renderings of those captions ('real': what a perfect model scores; its Frechet distance
+    is the floor of sampling n) and uniform noise images ('noise': chance)."""
+    asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
+    real = render_set(asked, res)
+    other = render_set(held_out_attributes(np.random.default_rng([seed, 8]), n, seen), res)
+    noise = list(torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed)))
+    return {"real": {**prompt_following(real, asked), "frechet": shapes_frechet(other, real)},
+            "noise": {**prompt_following(noise, asked), "frechet": shapes_frechet(noise, real)}}
+
+
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):

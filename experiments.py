@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import statistics
@@ -44,8 +45,8 @@ from PIL import Image, ImageDraw
 import train
 from data import LatentDataset
 from diffusion import SIGMA_DATA, edm_loss_per_sample
-from eval import evaluate_shapes, file_identity
-from model import PRESETS, DiTConfig, train_flops_per_image
+from eval import evaluate_shapes, file_identity, shapes_calibration, training_captions
+from model import PRESETS, DiTConfig, MicroDiT, train_flops_per_image
 from checkpoint import atomic_write, checkpoints, load_dit, phase_dir, write_json
 from prepare import ensure_demo_data
 from sample import slug
@@ -74,6 +75,12 @@ RUNS = [
     (4, "token-choice top-2", 0.75, {"moe_routing": "token_choice"}),
     (4, "no layer-wise scaling", 0.75, {"qkv_ratio": [0.75, 0.75], "mlp_ratio": [2.25, 2.25]}),
 ]
+# table 1 at equal training wall-clock (--budget-s): the masked runs end unmasked
+EQUAL_TIME = [("no masking", 0.0, NO_MIXER),
+              ("naive 75% (no mixer) + finetune", 0.75, NO_MIXER),
+              ("deferred 75% (mixer) + finetune", 0.75, {})]
+CALIBRATION_NAMES = {"real": "renderings of the captions (the same n)",
+                     "noise": "uniform noise images"}
 SHARED = {2: ["deferred 75% (mixer)"], 3: ["deferred 75% (mixer)"], 4: ["deferred 75% (mixer)"]}
 TITLES = {1: "Masking: none, naive, deferred (same steps; and same compute)",
           2: "Patch-mixer size at 75% masking",
@@ -81,23 +88,38 @@ TITLES = {1: "Masking: none, naive, deferred (same steps; and same compute)",
           4: "Routing and layer-wise scaling (75% masking, mixer)"}
 
 
-def run_folder(out, name, steps, batch, seed):
-    """One folder per run and budget: a rerun with another --seed, --steps or --batch-size
-    trains anew instead of resuming (or reusing) a run made with the old ones."""
-    return os.path.join(out, f"{slug(name)}_steps{steps}_batch{batch}_seed{seed}")
+def run_folder(out, name, steps, batch, seed, res=RES, finetune=0):
+    """One folder per run and budget: a rerun with another --seed, --steps, --batch-size,
+    --res or finetune trains anew instead of resuming (or reusing) a run made with the old
+    ones."""
+    budget = f"steps{steps}" + (f"+{finetune}" if finetune else "")
+    return os.path.join(out, f"{slug(name)}_{budget}_batch{batch}_seed{seed}"
+                             + (f"_{res}px" if res != RES else ""))
 
 
-def train_run(out, name, mask_ratio, overrides, steps, batch, data, seed):
-    folder = run_folder(out, name, steps, batch, seed)
-    argv = ["--demo", "--data", data, "--out", folder, "--steps", str(steps), "--seed", str(seed),
-            "--batch-size", str(batch), "--micro-batch", str(batch),
-            "--mask-ratio", str(mask_ratio), "--model", json.dumps(overrides),
-            "--ema-decay", "0", "--warmup", str(max(1, steps // 15)),
-            "--ckpt-every", str(steps), "--sample-every", str(steps), "--keep", "1"]
-    train.cli(argv)  # resumes, or does nothing, when the folder holds this run already
-    log = [json.loads(line) for line in open(os.path.join(folder, "phase1", "log.jsonl"))]
-    ms = statistics.median(r["ms_per_step"] for r in log[5:] or log)
-    return folder, {"ms_per_step": ms, "train_seconds": sum(r["ms_per_step"] for r in log) / 1000}
+def train_run(out, name, mask_ratio, overrides, steps, batch, data, seed, res=RES, finetune=0):
+    """Phase 1 with the demo's recipe for `steps`; with `finetune` steps, then phase 2: the
+    same weights and optimizer, unmasked, at phase 1's final learning rate held constant
+    (the paper's phase 2 at the scale of its phase 1). Returns the folder, the phase to
+    judge and the measured timing."""
+    folder = run_folder(out, name, steps, batch, seed, res, finetune)
+    common = ["--data", data, "--out", folder, "--seed", str(seed), "--batch-size", str(batch),
+              "--micro-batch", str(batch), "--ema-decay", "0", "--keep", "1"]
+    train.cli(["--demo", *common, "--res", str(res), "--steps", str(steps),
+               "--mask-ratio", str(mask_ratio), "--model", json.dumps(overrides),
+               "--warmup", str(max(1, steps // 15)), "--ckpt-every", str(steps),
+               "--sample-every", str(steps)])  # resumes, or does nothing, when it is done
+    if finetune:
+        train.cli(["--phase", "2", *common, "--steps", str(finetune), "--mask-ratio", "0",
+                   "--lr", str(train.DEMO["lr"] * train.DEMO["min_lr_ratio"]),
+                   "--schedule", "constant", "--warmup", "0", "--p-mean", str(train.DEMO["p_mean"]),
+                   "--p-std", str(train.PHASES[1]["p_std"]), "--ckpt-every", str(finetune),
+                   "--sample-every", "0"])
+    logs = [[json.loads(line) for line in open(os.path.join(folder, f"phase{p}", "log.jsonl"))]
+            for p in ([1, 2] if finetune else [1])]
+    ms = statistics.median(r["ms_per_step"] for r in logs[0][5:] or logs[0])
+    seconds = sum(r["ms_per_step"] for log in logs for r in log) / 1000
+    return folder, 2 if finetune else 1, {"ms_per_step": ms, "train_seconds": seconds}
 
 
 def unseen_rows(held_out, data, n):
@@ -115,9 +137,11 @@ def unseen_rows(held_out, data, n):
 @torch.no_grad()
 def held_out_loss(net, held_out, rows, sigma_data=SIGMA_DATA):
     """Mean EDM loss over HELD_OUT_SIGMAS with fixed noise: a deterministic quality score,
-    on the held-out set's `rows`, weighted as the model was trained (its sigma_data)."""
+    on the held-out set's `rows` at the network's resolution, weighted as the model was
+    trained (its sigma_data)."""
     shard = os.path.join(held_out, "shard-00000")
-    images = torch.from_numpy(np.load(f"{shard}.images_{RES}.npy"))[rows].float()      # (N, 3, H, W)
+    res = net.cfg.input_size  # pixels: the network sees the images themselves
+    images = torch.from_numpy(np.load(f"{shard}.images_{res}.npy"))[rows].float()      # (N, 3, H, W)
     captions = torch.from_numpy(np.load(f"{shard}.caption_feats.npy"))[rows].float()  # (N, 77, Dc)
     g = torch.Generator().manual_seed(0)
     losses = []
@@ -141,11 +165,11 @@ def evaluation_code():
     return digest.hexdigest()
 
 
-def evaluate(folder, held_out, rows, images, steps):
-    """The run's figures, from its folder's result.json when they were made from the very
-    same checkpoint file (path, size, modification time: a run trained again is judged
-    again) by the same evaluation code with the same settings."""
-    ckpt = checkpoints(phase_dir(folder, 1))[-1]
+def evaluate(folder, held_out, rows, images, steps, phase=1):
+    """The run's figures (its last checkpoint of `phase`), from its folder's result.json
+    when they were made from the very same checkpoint file (path, size, modification time:
+    a run trained again is judged again) by the same evaluation code with the same settings."""
+    ckpt = checkpoints(phase_dir(folder, phase))[-1]
     settings = {"checkpoint": file_identity(ckpt), "code": evaluation_code(),
                 "eval_images": images, "eval_steps": steps, "held_out": HELD_OUT,
                 "held_out_sigmas": HELD_OUT_SIGMAS}
@@ -164,9 +188,9 @@ def evaluate(folder, held_out, rows, images, steps):
     return result
 
 
-def model_config(overrides):
+def model_config(overrides, res=RES):
     return DiTConfig.from_dict({**dataclasses.asdict(PRESETS[PRESET]), "in_channels": 3,
-                                "input_size": RES, **overrides})
+                                "input_size": res, **overrides})
 
 
 def table(rows):
@@ -210,8 +234,15 @@ def main(argv=None):
     p.add_argument("--tables", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and noise "
-                                                       "(the data and held-out set stay fixed)")
+    p.add_argument("--res", type=int, default=RES, help="image side in pixels; patches of 2: "
+                   "16 gives 64 per image, 32 gives 256 (the paper's count)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial weights, data "
+                   "order and noise, one set of runs each (the data and held-out set stay fixed)")
+    p.add_argument("--budget-s", type=float, help="table 1 at equal training wall-clock: "
+                   "this many seconds per run at the step times measured side by side "
+                   "(instead of --steps); the masked runs spend --finetune of it unmasked")
+    p.add_argument("--finetune", type=float, default=0.15, help="with --budget-s: the share "
+                   "of the budget of the unmasked finetune after masked training")
     p.add_argument("--eval-images", type=int, default=EVAL_IMAGES,
                    help="generated images per run for shapes FD and prompt following")
     p.add_argument("--eval-steps", type=int, default=20, help="Heun steps per generated image")
@@ -219,50 +250,187 @@ def main(argv=None):
     if args.eval_images < 2 or args.eval_steps < 1:
         p.error("--eval-images must be at least 2 (a Frechet distance needs 2) and "
                 "--eval-steps at least 1")
-    data = ensure_demo_data(os.path.join(args.out, "data"), res=RES)
-    held_out = ensure_demo_data(os.path.join(args.out, f"held_out_{HELD_OUT_DRAWS}"), res=RES,
-                                n=HELD_OUT_DRAWS, seed=1)
+    if args.budget_s is not None and (args.tables != [1] or args.budget_s <= 0
+                                      or not 0 < args.finetune < 1):
+        p.error("--budget-s runs table 1 only (--tables 1), with a positive budget and "
+                "--finetune between 0 and 1")
+    data = ensure_demo_data(os.path.join(args.out, "data"), res=args.res)
+    held_out = ensure_demo_data(os.path.join(args.out, f"held_out_{HELD_OUT_DRAWS}"),
+                                res=args.res, n=HELD_OUT_DRAWS, seed=1)
     rows = unseen_rows(held_out, data, HELD_OUT)
-
-    results, judged = [], (args.eval_images, args.eval_steps)
-    wanted = {name for t, name, _, _ in RUNS if t in args.tables}
-    wanted |= {name for t in args.tables for name in SHARED.get(t, [])}
-    for t, name, mask, overrides in RUNS:
-        if name not in wanted:
-            continue
-        folder, timing = train_run(args.out, name, mask, overrides, args.steps, args.batch_size,
-                                   data, args.seed)
-        results.append({"table": t, "name": name, "steps": args.steps, "batch": args.batch_size,
-                        "mask": mask, "overrides": overrides,
-                        "gflops": train_flops_per_image(model_config(overrides), RES, mask) / 1e9,
-                        **timing, **evaluate(folder, held_out, rows, *judged)})
-        print(json.dumps(results[-1]))
-        report(args.out, args.tables, results)
-    if 1 in args.tables:  # the masked runs again, with the unmasked run's training FLOPs
-        base = next(r for r in results if r["name"] == "no masking")
-        for r in [r for r in results if r["table"] == 1 and r["mask"] > 0]:
-            steps = round(args.steps * base["gflops"] / r["gflops"])
-            name = f"{r['name']}, same compute"
-            folder, timing = train_run(args.out, name, r["mask"], r["overrides"], steps,
-                                       args.batch_size, data, args.seed)
-            results.append({**r, "name": name, "steps": steps, **timing,
-                            **evaluate(folder, held_out, rows, *judged)})
-            print(json.dumps(results[-1]))
-            report(args.out, args.tables, results)
+    judge = lambda folder, phase=1: evaluate(folder, held_out, rows, args.eval_images,  # noqa: E731
+                                             args.eval_steps, phase)
+    if args.budget_s is not None:
+        return equal_time(args, data, judge, held_out, rows)
+    results = []
+    for seed in args.seeds:
+        results += ablations(args, data, judge, seed)
     print(f"tables in {args.out}/results.md, plot in {args.out}/plot.png")
 
 
-def report(out, tables, results):
-    """results.json, results.md and plot.png of the runs so far."""
-    write_json(os.path.join(out, "results.json"), results)
+def ablations(args, data, judge, seed):
+    """Tables 2 to 4, and table 1 at equal steps and at equal FLOPs, for one seed."""
+    results = []
+
+    def trained(t, name, mask, overrides, steps):
+        folder, phase, timing = train_run(args.out, name, mask, overrides, steps,
+                                          args.batch_size, data, seed, args.res)
+        gflops = train_flops_per_image(model_config(overrides, args.res), args.res, mask) / 1e9
+        results.append({"table": t, "name": name, "steps": steps, "batch": args.batch_size,
+                        "seed": seed, "mask": mask, "overrides": overrides, "gflops": gflops,
+                        **timing, **judge(folder, phase)})
+        print(json.dumps(results[-1]))
+        report(args.out, args.tables, results, seed)
+
+    wanted = {name for t, name, _, _ in RUNS if t in args.tables}
+    wanted |= {name for t in args.tables for name in SHARED.get(t, [])}
+    for t, name, mask, overrides in RUNS:
+        if name in wanted:
+            trained(t, name, mask, overrides, args.steps)
+    if 1 in args.tables:  # the masked runs again, with the unmasked run's training FLOPs
+        base = next(r for r in results if r["name"] == "no masking")
+        for r in [r for r in results if r["table"] == 1 and r["mask"] > 0]:
+            trained(1, f"{r['name']}, same compute", r["mask"], r["overrides"],
+                    round(args.steps * base["gflops"] / r["gflops"]))
+    return results
+
+
+def step_key(overrides, mask):
+    return f"{'no mixer' if overrides == NO_MIXER else 'mixer'}, mask {mask}"
+
+
+def side_by_side(out, res, batch, rounds=8):
+    """Median seconds per training step (train.train_step, random data) of both
+    architectures at mask 0 and 0.75, measured in one process with the calls interleaved
+    (bench.alternate), so that a change of the machine's speed hits all four alike. Kept in
+    OUT/step_times.json: every seed and every rerun trains the same step counts."""
+    from bench import alternate, make_batch
+    path = os.path.join(out, "step_times.json")
+    settings = {"res": res, "batch": batch, "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "rounds": rounds}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["settings"] == settings:
+            return saved["seconds"]
+    variants = {}
+    for overrides in (NO_MIXER, {}):
+        cfg = model_config(overrides, res)
+        torch.manual_seed(0)
+        net = MicroDiT(cfg)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+        x, y = make_batch(cfg, batch, torch.device("cpu"))
+        batches = itertools.repeat({"latents": x, "captions": y})
+        for mask in (0.0, 0.75):
+            run = dict(train.PHASES[1], **train.RUN_DEFAULTS)
+            run.update(mask_ratio=mask, sigma_data=SIGMA_DATA, p_mean=train.DEMO["p_mean"])
+            variants[step_key(overrides, mask)] = (
+                lambda net=net, optimizer=optimizer, batches=batches, run=run:
+                train.train_step(net, net, optimizer, batches, run, step=0))
+    seconds = alternate(variants, rounds, 2, torch.device("cpu"))
+    write_json(path, {"settings": settings, "seconds": seconds})
+    return seconds
+
+
+def equal_time_steps(seconds, budget, share, mask, overrides):
+    """(masked steps, unmasked finetune steps) that fill `budget` seconds of training: all
+    of it unmasked for an unmasked run, else `share` of it in the finetune; at least a step."""
+    if mask == 0:
+        return max(1, round(budget / seconds[step_key(overrides, 0.0)])), 0
+    return (max(1, round((1 - share) * budget / seconds[step_key(overrides, mask)])),
+            max(1, round(share * budget / seconds[step_key(overrides, 0.0)])))
+
+
+def equal_time(args, data, judge, held_out, rows):
+    """Table 1 at equal training wall-clock, each masked run with its unmasked finetune,
+    every seed; OUT/equal_time.md and .json, with the calibration of each metric."""
+    seconds = side_by_side(args.out, args.res, args.batch_size)
+    print("seconds per step, side by side:", json.dumps(seconds))
+    # an untrained network outputs zeros (its last layer starts at zero), with or without the
+    # mixer: D(x) = c_skip x, the held-out loss of having learnt nothing
+    calibration = {"untrained": held_out_loss(untrained(NO_MIXER, args.res), held_out, rows)[1],
+                   **shapes_calibration(args.eval_images, 1234, training_captions(
+                       None, {"data": data}), args.res)}
+    results = []
+    for seed in args.seeds:
+        for name, mask, overrides in EQUAL_TIME:
+            steps, finetune = equal_time_steps(seconds, args.budget_s, args.finetune, mask,
+                                               overrides)
+            folder, phase, timing = train_run(args.out, name, mask, overrides, steps,
+                                              args.batch_size, data, seed, args.res, finetune)
+            results.append({"name": name, "seed": seed, "mask": mask, "steps": steps,
+                            "finetune_steps": finetune, **timing, **judge(folder, phase)})
+            print(json.dumps(results[-1]))
+            summary = {"settings": {k: v for k, v in vars(args).items()},
+                       "seconds_per_step": seconds, "calibration": calibration,
+                       "runs": results}
+            write_json(os.path.join(args.out, "equal_time.json"), summary)
+            text = equal_time_tables(summary)
+            atomic_write(os.path.join(args.out, "equal_time.md"), lambda f: f.write(text.encode()))
+    print(f"tables in {args.out}/equal_time.md")
+
+
+def untrained(overrides, res):
+    torch.manual_seed(0)
+    return MicroDiT(model_config(overrides, res)).eval()
+
+
+def spread(values, digits):
+    """'mean ± std (n)' over seeds; the std with n - 1."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def equal_time_tables(summary):
+    """equal_time.json as markdown: the runs' means ± seed std, and the calibration."""
+    runs, cal, seconds = summary["runs"], summary["calibration"], summary["seconds_per_step"]
+    text = ("Seconds per training step, measured side by side: " + ", ".join(
+        f"{k} {1000 * v:.0f} ms" for k, v in seconds.items()) + "\n\n")
+    text += ("| run | steps (masked + unmasked) | seeds | train s | held-out loss | "
+             "all four right | shape | colour | size | position | Frechet |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for name, _, _ in EQUAL_TIME:
+        rs = [r for r in runs if r["name"] == name]
+        if not rs:
+            continue
+        col = lambda key, digits=2: spread([r[key] for r in rs], digits)  # noqa: E731
+        steps = f"{rs[0]['steps']} + {rs[0]['finetune_steps']}"
+        text += (f"| {name} | {steps} | {','.join(str(r['seed']) for r in rs)} | "
+                 f"{np.mean([r['train_seconds'] for r in rs]):.0f} | "
+                 f"{col('held_out_loss', 4)} | {col('all')} | {col('shape')} | {col('color')} | "
+                 f"{col('size')} | {col('position')} | {col('frechet', 3)} |\n")
+    for name in ("real", "noise"):
+        c = cal[name]
+        text += (f"| calibration: {CALIBRATION_NAMES[name]} | | | | | {c['all']:.2f} | "
+                 f"{c['shape']:.2f} | {c['color']:.2f} | {c['size']:.2f} | "
+                 f"{c['position']:.2f} | {c['frechet']:.3f} |\n")
+    text += ("\nHeld-out loss per noise level (mean ± std over seeds):\n\n| run | "
+             + " | ".join(f"sigma {s}" for s in HELD_OUT_SIGMAS) + " |\n|---|"
+             + "---|" * len(HELD_OUT_SIGMAS) + "\n")
+    for name, _, _ in EQUAL_TIME:
+        rs = [r for r in runs if r["name"] == name]
+        if rs:
+            per = np.array([r["held_out_per_sigma"] for r in rs])           # (seeds, levels)
+            text += f"| {name} | " + " | ".join(spread(list(v), 3) for v in per.T) + " |\n"
+    text += ("| calibration: untrained network | "
+             + " | ".join(f"{v:.3f}" for v in cal["untrained"]) + " |\n")
+    return text
+
+
+def report(out, tables, results, seed=0):
+    """results.json, results.md and plot.png of one seed's runs so far (seed 0's without
+    a suffix, others' as results_seed1.md, ...)."""
+    suffix = f"_seed{seed}" if seed else ""
+    write_json(os.path.join(out, f"results{suffix}.json"), results)
     by_name = {r["name"]: r for r in results}
     text = ""
     for t in tables:
         rows = [by_name[n] for n in SHARED.get(t, []) if n in by_name]
         rows += [r for r in results if r["table"] == t]
         text += f"### {t}. {TITLES[t]}\n\n{table(rows)}\n"
-    atomic_write(os.path.join(out, "results.md"), lambda f: f.write(text.encode()))
-    plot(results, os.path.join(out, "plot.png"))
+    atomic_write(os.path.join(out, f"results{suffix}.md"), lambda f: f.write(text.encode()))
+    plot(results, os.path.join(out, f"plot{suffix}.png"))
 
 
 if __name__ == "__main__":

@@ -4474,6 +4474,69 @@ def test_experiments_pipeline_on_a_tiny_budget(tmp_path, monkeypatch):
     assert results[0]["held_out_loss"] == pytest.approx(np.mean(expected), rel=1e-4)
 
 
+def test_experiments_table_one_at_equal_wall_clock(tmp_path):
+    """--budget-s: each run's steps fill the budget at the step times measured side by side
+    (kept for every seed and rerun); the masked runs end with an unmasked finetune (phase 2,
+    from phase 1's weights and optimizer, at its final learning rate), which is what is
+    judged; the table gives each metric's seed spread and its calibration."""
+    import experiments
+    out = tmp_path / "exp"
+    argv = ["--tables", "1", "--budget-s", "0.4", "--finetune", "0.2", "--seeds", "0", "1",
+            "--batch-size", "8", "--out", str(out), "--eval-images", "8", "--eval-steps", "2"]
+    experiments.main(argv)
+    summary = json.loads((out / "equal_time.json").read_text())
+    seconds = json.loads((out / "step_times.json").read_text())["seconds"]
+    assert summary["seconds_per_step"] == seconds and len(seconds) == 4
+    runs = summary["runs"]
+    assert [(r["name"], r["seed"]) for r in runs] == [
+        (name, seed) for seed in (0, 1) for name, _, _ in experiments.EQUAL_TIME]
+    def fills(steps, seconds_per_step, share):  # within half a step, or the one step run
+        return abs(steps * seconds_per_step - share) <= max(seconds_per_step / 2,
+                                                            seconds_per_step - share)
+    for r, (_, mask, overrides) in zip(runs, experiments.EQUAL_TIME * 2):
+        masked = seconds[experiments.step_key(overrides, mask)]
+        unmasked = seconds[experiments.step_key(overrides, 0.0)]
+        if mask == 0:  # the whole budget unmasked
+            assert r["finetune_steps"] == 0 and fills(r["steps"], unmasked, 0.4)
+        else:  # 80% masked, 20% unmasked
+            assert fills(r["steps"], masked, 0.32) and fills(r["finetune_steps"], unmasked, 0.08)
+        folder = Path(experiments.run_folder(str(out), r["name"], r["steps"], 8, r["seed"],
+                                             16, r["finetune_steps"]))
+        last = final_checkpoint(folder, 2 if mask else 1)
+        assert last["step"] == r["steps"] + r["finetune_steps"]
+        assert last["model_config"]["patch_mixer_depth"] == (0 if overrides else 1)
+        if mask:
+            phase1, phase2 = final_checkpoint(folder)["config"], last["config"]
+            assert phase1["mask_ratio"] == 0.75 and phase2["mask_ratio"] == 0.0
+            assert phase2["lr"] == pytest.approx(phase1["lr"] * phase1["min_lr_ratio"])
+            assert (phase2["schedule"], phase2["p_mean"]) == ("constant", phase1["p_mean"])
+            assert [line["lr"] for line in logged(folder, 2)] == [phase2["lr"]] * r["finetune_steps"]
+    # the seeds differ, and the table gives their mean and spread
+    assert runs[0]["held_out_per_sigma"] != runs[3]["held_out_per_sigma"]
+    table = (out / "equal_time.md").read_text()
+    first = [r["held_out_loss"] for r in runs if r["name"] == "no masking"]
+    assert f"{np.mean(first):.4f} ± {np.std(first, ddof=1):.4f}" in table
+    # calibration: renderings of the asked captions follow them all, noise at chance, and
+    # the untrained network's held-out loss is that of outputting zeros
+    cal = summary["calibration"]
+    assert all(cal["real"][k] == 1.0 for k in ("shape", "color", "size", "position", "all"))
+    assert cal["noise"]["all"] < 0.2 and cal["noise"]["frechet"] > 2 * cal["real"]["frechet"]
+    assert "calibration: uniform noise images" in table
+    # D = c_skip (x + sigma n): with E[x^2] = m2 the weighted error is
+    # (sigma^2 m2 + sigma_data^4) / ((sigma^2 + sigma_data^2) sigma_data^2) (1 at m2 = sigma_data^2)
+    rows = experiments.unseen_rows(str(out / "held_out_640"), str(out / "data"), 256)
+    x = np.load(out / "held_out_640" / "shard-00000.images_16.npy")[rows.numpy()]
+    m2, sd = float(np.mean(np.square(x.astype(np.float64)))), 0.9
+    for sigma, loss in zip(experiments.HELD_OUT_SIGMAS, cal["untrained"]):
+        assert loss == pytest.approx((sigma ** 2 * m2 + sd ** 4) / ((sigma ** 2 + sd ** 2) * sd ** 2),
+                                     rel=0.02)
+    # a rerun keeps the measured step times and the runs: nothing trains or is judged again
+    stamp = (out / "step_times.json").stat().st_mtime_ns
+    experiments.main(argv)
+    assert (out / "step_times.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "equal_time.json").read_text())["runs"] == runs
+
+
 # ----------------------------------------------------------------------------- reference trainer
 
 PARITY_MODEL = {"dim": 32, "depth": 2, "head_dim": 16, "multiple_of": 32,
