@@ -3,9 +3,11 @@
     python experiments.py                        # all four tables, runs/experiments/
     python experiments.py --tables 1 3 --steps 600
     python experiments.py --tables 4 --steps 20 --eval-images 16 --eval-steps 5   # a smoke run
+    python experiments.py --tables 1 --res 32 --budget-s 840 --seeds 0 1 2   # equal wall-clock
 
 Every run trains MicroDiT_CPU_2 with train.py on the built-in shapes data (16x16 pixels,
-64 patches) from the same seed, data order and recipe; only the switch under test changes.
+64 patches; --res 32: 256, the paper's count) from the same seed, data order and recipe;
+only the switch under test changes.
 Quality is read three ways, all without downloads:
 
 - held-out loss: the EDM loss, unmasked, of 256 held-out images at 8 fixed noise levels
@@ -20,6 +22,13 @@ Quality is read three ways, all without downloads:
   colour is right, and whose colour, shape, size and position are all right.
 
 Cost is the model's training FLOPs per image (model.py) and the median measured ms/step.
+With --budget-s, table 1 gives every run the same training wall-clock instead: the step
+times of both architectures, masked and not, are measured side by side in one process
+(OUT/step_times.json), and the steps fill the budget at those times; the masked runs spend
+--finetune of it (0.15) unmasked, the paper's phase 2. OUT/equal_time.md gives each figure
+as mean ± std over --seeds, beside its calibration: renderings of the captions (a perfect
+model) and noise images for the sample metrics, the untrained network for the held-out
+loss.
 Table 1 also trains the masked models for the unmasked run's compute: steps scaled by the
 FLOP ratio (measured step times on a shared VM drift by 20% between runs made one after the
 other, so they would not give equal budgets); each run's measured training time is reported.
