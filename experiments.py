@@ -376,7 +376,8 @@ def equal_time(args, data, judge, held_out, rows):
             write_json(os.path.join(args.out, "equal_time.json"), summary)
             text = equal_time_tables(summary)
             atomic_write(os.path.join(args.out, "equal_time.md"), lambda f: f.write(text.encode()))
-    print(f"tables in {args.out}/equal_time.md")
+            plot_per_sigma(results, os.path.join(args.out, "equal_time.png"))
+    print(f"tables in {args.out}/equal_time.md, plot in {args.out}/equal_time.png")
 
 
 def untrained(overrides, res):
@@ -425,6 +426,37 @@ def equal_time_tables(summary):
     text += ("| calibration: untrained network | "
              + " | ".join(f"{v:.3f}" for v in cal["untrained"]) + " |\n")
     return text
+
+
+def plot_per_sigma(runs, path):
+    """Held-out loss against the noise level (log scale), one line per run of EQUAL_TIME: the
+    mean over seeds, with a bar of ± one std at each level."""
+    W, H, m = 900, 560, 70
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    lines = {}
+    for name, _, _ in EQUAL_TIME:
+        per = np.array([r["held_out_per_sigma"] for r in runs if r["name"] == name])  # (seeds, levels)
+        if len(per):
+            lines[name] = (per.mean(0), per.std(0, ddof=1) if len(per) > 1 else 0 * per[0])
+    xs = np.log10(HELD_OUT_SIGMAS)
+    y1 = max(float((mean + std).max()) for mean, std in lines.values()) * 1.05
+
+    def at(x, y):
+        return (m + (x - xs[0]) / (xs[-1] - xs[0]) * (W - 2 * m), H - m - y / y1 * (H - 2 * m))
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    colours = [(30, 30, 30), (200, 30, 30), (30, 110, 200)]
+    for k, (name, (mean, std)) in enumerate(lines.items()):
+        points = [at(x, y) for x, y in zip(xs, mean)]
+        d.line(points, fill=colours[k], width=2)
+        for x, y, e in zip(xs, mean, std):
+            d.line([at(x, y - e), at(x, y + e)], fill=colours[k], width=1)
+        d.text((W - m - 260, m + 10 + 16 * k), name, fill=colours[k])
+    for x, sigma in zip(xs, HELD_OUT_SIGMAS):
+        d.text((at(x, 0)[0] - 10, H - m + 8), f"{sigma:g}", fill="black")
+    d.text((m, H - m + 28), "noise level sigma (log scale)", fill="black")
+    d.text((m, m - 20), f"held-out EDM loss, mean ± std over seeds (0 .. {y1:.3f})", fill="black")
+    img.save(path)
 
 
 def report(out, tables, results, seed=0):

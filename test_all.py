@@ -4522,6 +4522,7 @@ def test_experiments_table_one_at_equal_wall_clock(tmp_path):
     assert all(cal["real"][k] == 1.0 for k in ("shape", "color", "size", "position", "all"))
     assert cal["noise"]["all"] < 0.2 and cal["noise"]["frechet"] > 2 * cal["real"]["frechet"]
     assert "calibration: uniform noise images" in table
+    assert Image.open(out / "equal_time.png").size == (900, 560)
     # D = c_skip (x + sigma n): with E[x^2] = m2 the weighted error is
     # (sigma^2 m2 + sigma_data^4) / ((sigma^2 + sigma_data^2) sigma_data^2) (1 at m2 = sigma_data^2)
     rows = experiments.unseen_rows(str(out / "held_out_640"), str(out / "data"), 256)
