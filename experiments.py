@@ -163,11 +163,16 @@ def held_out_loss(net, held_out, rows, sigma_data=SIGMA_DATA):
     return float(np.mean(losses)), losses
 
 
+# read when the module loads: getsource reads the file when first asked, and a file edited
+# above the function since then would give other lines (a run judged again for nothing)
+HELD_OUT_SOURCE = inspect.getsource(held_out_loss)
+
+
 def evaluation_code():
     """A digest of the code that loads, samples and judges a checkpoint: EVAL_CODE's files
     and held_out_loss. Editing the tables or the runs here leaves it as it is."""
     here = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256(inspect.getsource(held_out_loss).encode())
+    digest = hashlib.sha256(HELD_OUT_SOURCE.encode())
     for name in EVAL_CODE:
         with open(os.path.join(here, name), "rb") as f:
             digest.update(f.read())
