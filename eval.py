@@ -608,27 +608,30 @@ def evaluate_shapes(ckpt, n, seed, steps, guidance, device, train_data=None):
                          f"its text encoder {text_encoder.name!r} gives {text_encoder.width}: "
                          f"not a model of the shapes data")
     seen = training_captions(ckpt, info, train_data)
-    asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
+    asked, real, other = shapes_references(n, seed, seen, net.cfg.input_size)
     images = generate(net, text_encoder, None,
                       [caption_of(a) for a in asked], seed=seed, steps=steps, guidance=guidance,
                       batch_size=64, device=device, sigma_data=info["sigma_data"])
     scores = prompt_following(images, asked)
-    real = render_set(asked, images.shape[-1])
-    other = render_set(held_out_attributes(np.random.default_rng([seed, 8]), n, seen),
-                       images.shape[-1])
     scores["frechet"] = shapes_frechet(images, real)
     scores["frechet_real_vs_real"] = shapes_frechet(other, real)
     scores["training_captions_held_out"] = len(seen)
     return scores, images, asked
 
 
+def shapes_references(n, seed, seen, res):
+    """What evaluate_shapes(n, seed) asks for (n held-out attributes), their renderings (the
+    Frechet references) and renderings of n other held-out captions."""
+    asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
+    other = held_out_attributes(np.random.default_rng([seed, 8]), n, seen)
+    return asked, render_set(asked, res), render_set(other, res)
+
+
 def shapes_calibration(n, seed, seen, res):
     """The shapes metrics' two ends, on the captions evaluate_shapes(n, seed) asks for:
-    renderings of those captions ('real': what a perfect model scores; its Frechet distance
-    is the floor of sampling n) and uniform noise images ('noise': chance)."""
-    asked = held_out_attributes(np.random.default_rng([seed, 7]), n, seen)
-    real = render_set(asked, res)
-    other = render_set(held_out_attributes(np.random.default_rng([seed, 8]), n, seen), res)
+    their renderings ('real': what a perfect model scores; its Frechet distance is that of
+    renderings of other captions, a scale) and uniform noise images ('noise': chance)."""
+    asked, real, other = shapes_references(n, seed, seen, res)
     noise = list(torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed)))
     return {"real": {**prompt_following(real, asked), "frechet": shapes_frechet(other, real)},
             "noise": {**prompt_following(noise, asked), "frechet": shapes_frechet(noise, real)}}

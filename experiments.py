@@ -276,14 +276,14 @@ def main(argv=None):
                                              args.eval_steps, phase)
     if args.budget_s is not None:
         return equal_time(args, data, judge, held_out, rows)
-    results = []
     for seed in args.seeds:
-        results += ablations(args, data, judge, seed)
+        ablations(args, data, judge, seed)
     print(f"tables in {args.out}/results.md, plot in {args.out}/plot.png")
 
 
 def ablations(args, data, judge, seed):
-    """Tables 2 to 4, and table 1 at equal steps and at equal FLOPs, for one seed."""
+    """Tables 2 to 4, and table 1 at equal steps and at equal FLOPs, for one seed; its
+    results.md, .json and plot.png."""
     results = []
 
     def trained(t, name, mask, overrides, steps):
@@ -362,7 +362,8 @@ def equal_time(args, data, judge, held_out, rows):
     print("seconds per step, side by side:", json.dumps(seconds))
     # an untrained network outputs zeros (its last layer starts at zero), with or without the
     # mixer: D(x) = c_skip x, the held-out loss of having learnt nothing
-    calibration = {"untrained": held_out_loss(untrained(NO_MIXER, args.res), held_out, rows)[1],
+    untrained = MicroDiT(model_config(NO_MIXER, args.res)).eval()
+    calibration = {"untrained": held_out_loss(untrained, held_out, rows)[1],
                    **shapes_calibration(args.eval_images, 1234, training_captions(
                        None, {"data": data}), args.res)}
     results = []
@@ -375,7 +376,7 @@ def equal_time(args, data, judge, held_out, rows):
             results.append({"name": name, "seed": seed, "mask": mask, "steps": steps,
                             "finetune_steps": finetune, **timing, **judge(folder, phase)})
             print(json.dumps(results[-1]))
-            summary = {"settings": {k: v for k, v in vars(args).items()},
+            summary = {"settings": vars(args),
                        "seconds_per_step": seconds, "calibration": calibration,
                        "runs": results}
             write_json(os.path.join(args.out, "equal_time.json"), summary)
@@ -385,13 +386,8 @@ def equal_time(args, data, judge, held_out, rows):
     print(f"tables in {args.out}/equal_time.md, plot in {args.out}/equal_time.png")
 
 
-def untrained(overrides, res):
-    torch.manual_seed(0)
-    return MicroDiT(model_config(overrides, res)).eval()
-
-
 def spread(values, digits):
-    """'mean ± std (n)' over seeds; the std with n - 1."""
+    """'mean ± std' over seeds (the std with n - 1), or the one value."""
     if len(values) < 2:
         return f"{values[0]:.{digits}f}"
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"

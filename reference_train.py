@@ -80,7 +80,7 @@ def main(argv=None):
                                "in_channels": shape[0], "input_size": shape[1],
                                "caption_channels": caption_shape[-1]})  # the data's sizes
     net = MicroDiT(cfg).to(device)
-    sigma_data = args.sigma_data or data_std(args.data, args.res)  # train.py's 'data' 
+    sigma_data = args.sigma_data or data_std(args.data, args.res)  # 0: train.py's 'data'
     print(f"{cfg}\n{count_params(net):,} parameters")
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=args.weight_decay)
